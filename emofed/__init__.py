@@ -1,0 +1,1 @@
+"""emofed: the command line and the typed configuration shared by every package."""

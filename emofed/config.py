@@ -1,0 +1,387 @@
+"""Typed, validated configuration for every emofed command (omegaconf structured configs)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+@dataclass(frozen=True)
+class FaceModelConfig:
+    """Face branch: OpenCV crop to a grey square, then a small CNN."""
+
+    image_size: int = 48
+    width: int = 16  # channels of the first conv block; doubles per block
+    min_face_size: int = 24  # Haar detector minSize, in pixels
+
+
+@dataclass(frozen=True)
+class VoiceModelConfig:
+    """Voice branch: mono 16 kHz log-mel spectrogram, then a small CNN."""
+
+    sample_rate: int = 16000
+    clip_seconds: float = 1.0
+    n_mels: int = 64
+    n_fft: int = 400
+    hop_length: int = 160
+    width: int = 16
+
+
+@dataclass(frozen=True)
+class TextModelConfig:
+    """Text branch: a local transformers encoder with a classification head."""
+
+    encoder_path: str | None = None  # None: the packaged all-MiniLM-L6-v2
+    mode: str = "frozen"  # frozen | top | lora | full
+    trainable_layers: int = 1  # mode=top: how many of the last encoder layers train
+    lora_rank: int = 4  # mode=lora
+    max_length: int = 32
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How the per-modality embeddings are combined."""
+
+    kind: str = "gated"
+    modality_dropout: float = 0.2  # training-time chance of hiding a present modality
+    aux_weight: float = 0.3  # weight of the per-modality auxiliary losses
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The multimodal emotion network."""
+
+    embed_dim: int = 64
+    dropout: float = 0.1
+    face: FaceModelConfig = field(default_factory=FaceModelConfig)
+    voice: VoiceModelConfig = field(default_factory=VoiceModelConfig)
+    text: TextModelConfig = field(default_factory=TextModelConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where each device's data comes from and how the federation is split."""
+
+    source: str = "synthetic"  # synthetic | folder
+    path: str | None = None  # source=folder: a federation folder
+    partition: str = "natural"  # natural (one device per user) | dirichlet (label skew)
+    dirichlet_alpha: float = 1.0
+    samples_per_device: int = 60
+    test_fraction: float = 0.25
+    p_no_camera: float = 0.15  # share of devices without a camera
+    p_no_microphone: float = 0.15  # share of devices without a microphone
+    p_missing_text: float = 0.2  # share of samples without text
+    label_noise: float = 0.05  # share of training labels replaced at random
+    voice_sample_rate: int = 22050  # rate of generated audio (resampled on device)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each device, sent by the server every round."""
+
+    local_epochs: int = 2
+    batch_size: int = 16
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 0.003
+    momentum: float = 0.9  # optimizer=sgd
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 5.0  # plain gradient clipping for stability; None: off
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server-side aggregation (Flower strategies)."""
+
+    name: str = "fedavg"  # fedavg | fedprox | fedadam
+    fraction_train: float = 0.5
+    fraction_evaluate: float = 1.0
+    min_train_devices: int = 2
+    min_evaluate_devices: int = 2
+    proximal_mu: float = 0.01  # fedprox
+    server_lr: float = 0.01  # fedadam: eta
+    beta_1: float = 0.9  # fedadam
+    beta_2: float = 0.99  # fedadam
+    tau: float = 0.001  # fedadam
+    round_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Flower's simulation runtime (Ray) on this machine."""
+
+    cpus_per_device: float = 1.0  # Ray resources of one simulated device
+    gpus_per_device: float = 0.0
+    startup_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where runs are written."""
+
+    dir: str = "runs"
+    name: str | None = None  # default: <UTC timestamp>-<strategy>
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where tensors live and how many threads a device uses."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 1  # torch intra-op threads per simulated device
+
+
+@dataclass(frozen=True)
+class EmofedConfig:
+    """One emofed run: a federation, a model and how to train it."""
+
+    seed: int = 42
+    devices: int = 24
+    rounds: int = 5
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message is one line naming the key."""
+
+
+# Allowed values, checked once at the edge. Ranges are inclusive; None: unbounded.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("synthetic", "folder"),
+    "data.partition": ("natural", "dirichlet"),
+    "model.text.mode": ("frozen", "top", "lora", "full"),
+    "model.fusion.kind": ("gated", "mean"),
+    "train.optimizer": ("adam", "sgd"),
+    "strategy.name": ("fedavg", "fedprox", "fedadam"),
+    "runtime.device": ("auto", "cpu", "cuda"),
+}
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "seed": (0, 2**32 - 1),
+    "devices": (1, 100_000),
+    "rounds": (1, 100_000),
+    "data.dirichlet_alpha": (1e-3, 1e6),
+    "data.samples_per_device": (4, 1_000_000),
+    "data.test_fraction": (0.05, 0.9),
+    "data.p_no_camera": (0.0, 1.0),
+    "data.p_no_microphone": (0.0, 1.0),
+    "data.p_missing_text": (0.0, 1.0),
+    "data.label_noise": (0.0, 1.0),
+    "data.voice_sample_rate": (4000, 192_000),
+    "model.embed_dim": (4, 4096),
+    "model.dropout": (0.0, 0.9),
+    "model.face.image_size": (16, 256),
+    "model.face.width": (2, 512),
+    "model.face.min_face_size": (8, 1024),
+    "model.voice.sample_rate": (4000, 96_000),
+    "model.voice.clip_seconds": (0.1, 30.0),
+    "model.voice.n_mels": (8, 256),
+    "model.voice.n_fft": (64, 8192),
+    "model.voice.hop_length": (16, 4096),
+    "model.voice.width": (2, 512),
+    "model.text.trainable_layers": (1, 48),
+    "model.text.lora_rank": (1, 256),
+    "model.text.max_length": (4, 512),
+    "model.fusion.modality_dropout": (0.0, 0.95),
+    "model.fusion.aux_weight": (0.0, 10.0),
+    "train.local_epochs": (1, 1000),
+    "train.batch_size": (1, 65_536),
+    "train.lr": (1e-7, 10.0),
+    "train.momentum": (0.0, 0.999),
+    "train.weight_decay": (0.0, 1.0),
+    "train.max_grad_norm": (1e-6, 1e6),
+    "strategy.fraction_train": (0.0, 1.0),
+    "strategy.fraction_evaluate": (0.0, 1.0),
+    "strategy.min_train_devices": (1, 100_000),
+    "strategy.min_evaluate_devices": (0, 100_000),
+    "strategy.proximal_mu": (0.0, 100.0),
+    "strategy.server_lr": (1e-7, 10.0),
+    "strategy.beta_1": (0.0, 0.9999),
+    "strategy.beta_2": (0.0, 0.99999),
+    "strategy.tau": (1e-12, 1.0),
+    "strategy.round_timeout_s": (1.0, 86_400.0),
+    "simulation.cpus_per_device": (0.0, 1024.0),
+    "simulation.gpus_per_device": (0.0, 64.0),
+    "simulation.startup_timeout_s": (5.0, 3600.0),
+    "runtime.threads": (1, 1024),
+}
+
+
+def _unfreeze(node: DictConfig) -> None:
+    # Frozen dataclasses make every node read-only; merging overrides needs them open.
+    OmegaConf.set_readonly(node, None)
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _unfreeze(child)
+
+
+def _known_keys(prefix: str) -> list[str]:
+    schema = OmegaConf.structured(EmofedConfig)
+    node = OmegaConf.select(schema, prefix) if prefix else schema
+    return sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
+
+
+def _one_line(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", "") or ""
+    if isinstance(err, ConfigKeyError):
+        parent, _, leaf = key.rpartition(".")
+        known = ", ".join(_known_keys(parent))
+        where = f"under '{parent}'" if parent else "at the top level"
+        return ConfigError(f"{source}: unknown key '{key}' (known keys {where}: {known})")
+    detail = str(err).splitlines()[0]
+    return ConfigError(f"{source}: bad value for '{key}': {detail}")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(
+                f"'{key}' must be one of {', '.join(allowed)}. Found {value!r}."
+            )
+    for key, (low, high) in _RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(f"'{key}' must be in [{low}, {high}]. Found {value!r}.")
+
+
+def _check_consistency(cfg: EmofedConfig) -> None:
+    if cfg.data.source == "folder" and not cfg.data.path:
+        raise ConfigError("'data.path' must name a federation folder when data.source=folder.")
+    if cfg.data.source == "synthetic" and cfg.data.p_no_camera + cfg.data.p_no_microphone > 1.0:
+        raise ConfigError(
+            "'data.p_no_camera' + 'data.p_no_microphone' must be at most 1 so every "
+            f"device keeps a camera or a microphone. Found {cfg.data.p_no_camera} + "
+            f"{cfg.data.p_no_microphone}."
+        )
+    if cfg.model.voice.n_fft // 2 + 1 < cfg.model.voice.n_mels:
+        raise ConfigError(
+            f"'model.voice.n_mels' must be at most n_fft // 2 + 1 = "
+            f"{cfg.model.voice.n_fft // 2 + 1}. Found {cfg.model.voice.n_mels}."
+        )
+    if cfg.strategy.min_train_devices > cfg.devices:
+        raise ConfigError(
+            f"'strategy.min_train_devices' must be at most devices={cfg.devices}. "
+            f"Found {cfg.strategy.min_train_devices}."
+        )
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> EmofedConfig:
+    """Resolve a YAML file and ``key=value`` overrides into a validated config.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        A YAML file (e.g. ``configs/default.yaml``); None uses the built-in defaults.
+    overrides : sequence of str
+        Dotted ``key=value`` overrides, applied after the file.
+
+    Returns
+    -------
+    EmofedConfig
+        The frozen, validated configuration.
+
+    Raises
+    ------
+    ConfigError
+        On a missing or unreadable file, an unknown key, a wrong type or a value out
+        of range; the message is one line naming the key.
+    """
+    schema = OmegaConf.structured(EmofedConfig)
+    _unfreeze(schema)
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # yaml errors come in many types
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"{path}: not valid YAML: {first}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        layers.append((str(path), loaded))
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+    merged = schema
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            raise _one_line(err, source) from None
+    _check_ranges(merged)
+    cfg = OmegaConf.to_object(merged)
+    if not isinstance(cfg, EmofedConfig):  # pragma: no cover - omegaconf contract
+        raise ConfigError("configuration did not resolve to EmofedConfig")
+    _check_consistency(cfg)
+    return cfg
+
+
+def to_dict(cfg: EmofedConfig) -> dict[str, Any]:
+    """Plain nested dict of a config (for JSON, YAML and Flower messages)."""
+    return asdict(cfg)
+
+
+def to_yaml(cfg: EmofedConfig) -> str:
+    """The resolved configuration as YAML, as written into every run directory."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def from_json(text: str) -> EmofedConfig:
+    """Rebuild a config sent as JSON (e.g. in a Flower ConfigRecord), re-validated.
+
+    Raises
+    ------
+    ConfigError
+        If the JSON is malformed or holds an invalid configuration.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"configuration JSON is malformed: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("configuration JSON must be an object")
+    schema = OmegaConf.structured(EmofedConfig)
+    _unfreeze(schema)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.create(data))
+    except OmegaConfBaseException as err:
+        raise _one_line(err, "configuration JSON") from None
+    _check_ranges(merged)
+    cfg = OmegaConf.to_object(merged)
+    _check_consistency(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def to_json(cfg: EmofedConfig) -> str:
+    """Compact JSON of a config, the form the server sends to devices."""
+    return json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+
+
+def fingerprint(section: Any) -> str:
+    """Short stable hash of a config section (e.g. to key caches of device data)."""
+    blob = json.dumps(asdict(section), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
