@@ -1,0 +1,88 @@
+"""Small building blocks shared by the convolutional encoders (GroupNorm only, Opacus-safe)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ConvEncoder", "group_norm"]
+
+# BatchNorm mixes samples of a batch, which breaks per-sample gradients (DP-SGD) and lets a
+# masked-out sample change its neighbours' outputs; GroupNorm normalises each sample alone.
+_MAX_GROUPS = 8
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """Return a GroupNorm with the largest group count ≤ 8 that divides ``channels``.
+
+    Parameters
+    ----------
+    channels : int
+        Number of channels to normalise.
+
+    Returns
+    -------
+    nn.GroupNorm
+        The normalisation layer.
+    """
+    groups = max(g for g in range(1, _MAX_GROUPS + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+class ConvEncoder(nn.Module):
+    """Conv-GroupNorm-ReLU blocks with 2×2 pooling, global average pooling, projection.
+
+    Parameters
+    ----------
+    width : int
+        Channels of the first block; each further block doubles them.
+    blocks : int
+        Number of blocks (each halves height and width).
+    embed_dim : int
+        Size of the output embedding.
+    dropout : float
+        Dropout probability before the projection.
+
+    Raises
+    ------
+    ValueError
+        If a size is not positive or ``dropout`` is outside [0, 1).
+    """
+
+    def __init__(self, *, width: int, blocks: int, embed_dim: int, dropout: float) -> None:
+        super().__init__()
+        if width < 1 or blocks < 1 or embed_dim < 1:
+            raise ValueError(
+                f"width, blocks and embed_dim must be >= 1, found {width}, {blocks}, {embed_dim}."
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), found {dropout}.")
+        # No in-place activations: Opacus keeps references to layer inputs to compute
+        # per-sample gradients, and an in-place op would overwrite them.
+        layers: list[nn.Module] = []
+        in_channels = 1
+        for index in range(blocks):
+            out_channels = width * 2**index
+            layers += [
+                nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+                group_norm(out_channels),
+                nn.ReLU(),
+                nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
+                group_norm(out_channels),
+                nn.ReLU(),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
+            in_channels = out_channels
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(in_channels, embed_dim)
+        # Each encoder ends in LayerNorm so face, voice and text embeddings arrive at the
+        # fusion on one scale, whatever their backbone.
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode ``x`` of shape (B, 1, H, W) into (B, embed_dim)."""
+        h = self.features(x)  # (B, C, H / 2**blocks, W / 2**blocks)
+        h = self.pool(h).flatten(1)  # (B, C)
+        return self.norm(self.proj(self.dropout(h)))  # (B, E)
