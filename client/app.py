@@ -115,10 +115,10 @@ def _evaluate(cfg: EmofedConfig, model: MultimodalEmotionNet, data: Any, device:
         "accuracy": result.accuracy,
         "confusion": [int(c) for c in result.confusion.reshape(-1)],
     }
+    # Every key always (zeros for a missing sensor): the server accepts one key set.
     for modality, total in result.modality_total.items():
-        if total:
-            metrics[f"{modality}-correct"] = int(result.modality_correct[modality])
-            metrics[f"{modality}-total"] = int(total)
+        metrics[f"{modality}-correct"] = int(result.modality_correct[modality])
+        metrics[f"{modality}-total"] = int(total)
     return metrics
 
 

@@ -129,16 +129,14 @@ def read_device_folder(folder: str | Path) -> tuple[list[RawSample], list[RawSam
             if split not in ("train", "test"):
                 skipped["unknown split"] += 1
                 continue
+            voice = _read_voice(root, record.get("voice"), skipped)
             sample = RawSample(
                 label=EMOTIONS.index(label),
                 face=_read_face(root, record.get("face"), skipped),
-                voice=None,
-                voice_rate=None,
+                voice=None if voice is None else voice[0],
+                voice_rate=None if voice is None else voice[1],
                 text=_read_text(record.get("text"), skipped),
             )
-            voice = _read_voice(root, record.get("voice"), skipped)
-            if voice is not None:
-                sample.voice, sample.voice_rate = voice
             if sample.face is None and sample.voice is None and sample.text is None:
                 skipped["no usable modality"] += 1
                 continue
@@ -268,7 +266,7 @@ def preprocess_device(
     test, test_report = preprocess(test_raw)
     for report in (train_report, test_report):
         skipped.update(report.reasons)
-    fallbacks = train_report.face_fallbacks + test_report.face_fallbacks
+    fallbacks = train_report.faces_not_detected + test_report.faces_not_detected
     if skipped:
         logger.info("%s: skipped %s", device_id, dict(skipped))
     if len(train) == 0:

@@ -125,7 +125,8 @@ def evaluate_local(
     loss_sum, n = 0.0, 0
     for face, voice, ids, attn, mask, label in DataLoader(data, batch_size=batch_size):
         face, voice, ids, attn, mask, label = (t.to(device) for t in (face, voice, ids, attn, mask, label))
-        fused, _ = model(face, voice, ids, attn, mask)  # (B, 7)
+        embeddings = model.embed(face, voice, ids, attn)  # (B, 3, E), once for all masks
+        fused, _ = model.classify(embeddings, mask)  # (B, 7)
         loss_sum += float(nn.functional.cross_entropy(fused, label, reduction="sum"))
         n += len(label)
         pred = fused.argmax(dim=1)
@@ -134,9 +135,10 @@ def evaluate_local(
             has = mask[:, index] > 0  # (B,)
             if not bool(has.any()):
                 continue
-            only = torch.zeros_like(mask)
-            only[:, index] = 1.0
-            single, _ = model(face[has], voice[has], ids[has], attn[has], only[has])
+            only = torch.zeros_like(mask[has])
+            only[:, index] = 1
+            # The fused path with one modality: what a device with only this sensor gets.
+            single, _ = model.classify(embeddings[has], only)
             correct[modality] += int((single.argmax(dim=1) == label[has]).sum())
             total[modality] += int(has.sum())
     return EvalResult(loss_sum / max(n, 1), n, confusion, correct, total)

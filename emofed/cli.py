@@ -53,6 +53,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cfg, config_path = _resolve(args)
     except ConfigError as err:
         return _fail(str(err))
+    print(
+        f"{PROGRESS_PREFIX} simulating {cfg.devices} devices x {cfg.rounds} rounds "
+        f"({cfg.strategy.name}, data={cfg.data.source}) with Flower's simulation runtime",
+        flush=True,
+    )
     # Heavy imports only after the configuration is known to be good.
     from client.data import FederationFolderError, read_federation
     from server.report import format_table
@@ -70,10 +75,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except (ConfigError, FederationFolderError) as err:
         return _fail(str(err))
 
-    print(
-        f"{PROGRESS_PREFIX} simulating {cfg.devices} devices x {cfg.rounds} rounds "
-        f"({cfg.strategy.name}, data={cfg.data.source}) with Flower's simulation runtime"
-    )
     print(f"{PROGRESS_PREFIX} starting a local SuperLink and Ray (takes ~20 s) ...", flush=True)
 
     def on_line(line: str) -> None:

@@ -117,7 +117,7 @@ class StrategyConfig:
 class SimulationConfig:
     """Flower's simulation runtime (Ray) on this machine."""
 
-    cpus_per_device: float = 1.0  # Ray resources of one simulated device
+    cpus_per_device: int = 1  # Ray CPUs reserved per simulated device (sets concurrency)
     gpus_per_device: float = 0.0
     startup_timeout_s: float = 60.0
 
@@ -212,7 +212,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "strategy.beta_2": (0.0, 0.99999),
     "strategy.tau": (1e-12, 1.0),
     "strategy.round_timeout_s": (1.0, 86_400.0),
-    "simulation.cpus_per_device": (0.0, 1024.0),
+    "simulation.cpus_per_device": (1, 1024),
     "simulation.gpus_per_device": (0.0, 64.0),
     "simulation.startup_timeout_s": (5.0, 3600.0),
     "runtime.threads": (1, 1024),

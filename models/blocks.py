@@ -42,6 +42,9 @@ class ConvEncoder(nn.Module):
         Size of the output embedding.
     dropout : float
         Dropout probability before the projection.
+    stem_stride : int
+        Stride of the very first convolution; 2 quarters the cost of every block on
+        large inputs such as spectrograms.
 
     Raises
     ------
@@ -49,7 +52,9 @@ class ConvEncoder(nn.Module):
         If a size is not positive or ``dropout`` is outside [0, 1).
     """
 
-    def __init__(self, *, width: int, blocks: int, embed_dim: int, dropout: float) -> None:
+    def __init__(
+        self, *, width: int, blocks: int, embed_dim: int, dropout: float, stem_stride: int = 1
+    ) -> None:
         super().__init__()
         if width < 1 or blocks < 1 or embed_dim < 1:
             raise ValueError(
@@ -64,7 +69,10 @@ class ConvEncoder(nn.Module):
         for index in range(blocks):
             out_channels = width * 2**index
             layers += [
-                nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+                nn.Conv2d(
+                    in_channels, out_channels, kernel_size=3, padding=1,
+                    stride=stem_stride if index == 0 else 1,
+                ),
                 group_norm(out_channels),
                 nn.ReLU(),
                 nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
@@ -83,6 +91,6 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode ``x`` of shape (B, 1, H, W) into (B, embed_dim)."""
-        h = self.features(x)  # (B, C, H / 2**blocks, W / 2**blocks)
+        h = self.features(x)  # (B, C, H / (stem_stride * 2**blocks), W / ...)
         h = self.pool(h).flatten(1)  # (B, C)
         return self.norm(self.proj(self.dropout(h)))  # (B, E)

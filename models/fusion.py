@@ -210,14 +210,45 @@ class MultimodalEmotionNet(nn.Module):
         ValueError
             If the batch sizes disagree or ``modality_mask`` is not (B, 3).
         """
+        embeddings = self.embed(face, voice, text_ids, text_mask)  # (B, 3, E)
+        return self.classify(embeddings, modality_mask)
+
+    def embed(
+        self,
+        face: torch.Tensor,
+        voice: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-modality embeddings (B, 3, E) of a batch, before any masking.
+
+        Raises
+        ------
+        ValueError
+            If the batch sizes disagree.
+        """
         batch = face.shape[0]
         sizes = {t.shape[0] for t in (face, voice, text_ids, text_mask)}
         if sizes != {batch}:
             raise ValueError(f"All inputs must share one batch size, found sizes {sorted(sizes)}.")
-        mask = _as_bool_mask(modality_mask, batch)  # (B, 3)
-        embeddings = torch.stack(
+        return torch.stack(
             [self.face(face), self.voice(voice), self.text(text_ids, text_mask)], dim=1
         )  # (B, 3, E)
+
+    def classify(
+        self, embeddings: torch.Tensor, modality_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused and per-modality logits from embeddings (B, 3, E) under a mask (B, 3).
+
+        Evaluating one batch under several masks (each modality alone, all together)
+        needs :meth:`embed` once and this once per mask.
+
+        Raises
+        ------
+        ValueError
+            If ``modality_mask`` is not (B, 3).
+        """
+        mask = _as_bool_mask(modality_mask, embeddings.shape[0])  # (B, 3)
         # torch.where, not a product: whatever an absent input yields, nothing of it
         # (not even a NaN) reaches the outputs or the gradients of the shared layers.
         present = mask.unsqueeze(-1)  # (B, 3, 1)

@@ -271,6 +271,10 @@ TEXT_MODES: dict[str, Callable[[nn.Module, TextModelConfig], nn.Module]] = {
 }
 
 
+# Frozen-encoder outputs kept per process (384 floats each: ~150 MB at the limit).
+_MEMO_LIMIT = 100_000
+
+
 class TextEncoder(nn.Module):
     """Sentence encoder: a local transformers model, mean pooling, projection.
 
@@ -311,6 +315,8 @@ class TextEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Linear(hidden, embed_dim)
         self.norm = nn.LayerNorm(embed_dim)
+        # Plain attribute, not a buffer: never saved, never sent.
+        self._memo: dict[bytes, torch.Tensor] = {}
         self.train()
 
     @property
@@ -340,6 +346,28 @@ class TextEncoder(nn.Module):
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, H)
 
+    @torch.no_grad()
+    def _frozen_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled frozen-encoder output (N, H), memoised per token sequence.
+
+        A frozen encoder in eval mode is a fixed function of the tokens, so its output
+        for a text seen before is reused exactly; local training revisits every text
+        once per epoch and round, and the encoder is the costliest branch by far.
+        """
+        keys = [
+            ids.tobytes() + mask.tobytes()
+            for ids, mask in zip(input_ids.cpu().numpy(), attention_mask.cpu().numpy(), strict=True)
+        ]
+        missing = [i for i, key in enumerate(keys) if key not in self._memo]
+        if missing:
+            if len(self._memo) + len(missing) > _MEMO_LIMIT:
+                self._memo.clear()
+            index = torch.tensor(missing, device=input_ids.device)
+            fresh = self._encode(input_ids[index], attention_mask[index])  # (M, H)
+            for i, row in zip(missing, fresh, strict=True):
+                self._memo[keys[i]] = row
+        return torch.stack([self._memo[key] for key in keys]).to(input_ids.device)  # (N, H)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Encode token ids (B, L) with their mask (B, L) into (B, embed_dim).
 
@@ -354,8 +382,7 @@ class TextEncoder(nn.Module):
             # Without trainable encoder weights rows can be skipped: the encoder, by far
             # the costliest branch, runs only on rows that have text.
             if bool(has_text.any()):
-                with torch.no_grad():
-                    pooled[has_text] = self._encode(input_ids[has_text], attention_mask[has_text])
+                pooled[has_text] = self._frozen_pooled(input_ids[has_text], attention_mask[has_text])
         else:
             # Trainable encoders see every row, so each parameter gets a per-sample
             # gradient for the whole batch. An all-padding row attends to its first

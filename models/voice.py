@@ -243,7 +243,9 @@ class VoiceCNN(nn.Module):
         super().__init__()
         # Four blocks take 64 mels × 101 frames to 4 × 7 before global pooling, so the
         # last block sees most of a one-second clip (prosody spans several syllables).
-        self.body = ConvEncoder(width=config.width, blocks=4, embed_dim=embed_dim, dropout=dropout)
+        self.body = ConvEncoder(
+            width=config.width, blocks=3, embed_dim=embed_dim, dropout=dropout, stem_stride=2
+        )
 
     def forward(self, voice: torch.Tensor) -> torch.Tensor:
         """Encode log-mels (B, 1, n_mels, frames) into (B, embed_dim)."""

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from emofed.config import EmofedConfig, load_config, to_json, to_yaml
 from models import build_model, get_state, shared_state_keys
-from server.report import format_table, plot_curves
+from server.report import plot_curves
 from server.rundir import PLOT_FILE, RunDirectory
 from server.strategy import CONFIG_KEY, RoundLog, build_strategy
 
@@ -153,7 +153,7 @@ def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     run_dir.write_config(to_yaml(cfg))
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, device="cpu")
     keys = shared_state_keys(model)
     state = get_state(model, keys)
     initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
@@ -200,5 +200,4 @@ def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     path = run_dir.finalize(summary)
-    logger.info("Per-round results:\n%s", format_table(rows))
     logger.info("Run complete: %s", path)

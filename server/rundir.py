@@ -31,6 +31,10 @@ SUMMARY_FILE = "summary.json"
 FAILED_FILE = "FAILED"
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class RunDirectoryError(RuntimeError):
     """The run directory cannot be created or finalised."""
 
@@ -39,6 +43,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new file only."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -29,6 +29,14 @@ ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 
+# Exactly these metrics are accepted from devices; Flower's aggregation also demands
+# the same keys from every reply.
+TRAIN_METRIC_KEYS = frozenset({WEIGHT_KEY, "train-loss", "steps"})
+EVAL_METRIC_KEYS = frozenset(
+    {WEIGHT_KEY, "loss", "accuracy", "confusion"}
+    | {f"{m}-{kind}" for m in MODALITIES for kind in ("correct", "total")}
+)
+
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
@@ -77,7 +85,7 @@ def screen_train_reply(
             )
         if not np.all(np.isfinite(array.numpy())):
             return f"array '{key}' holds NaN or infinity"
-    return _screen_metrics(metrics[METRICS_KEY])
+    return _screen_metrics(metrics[METRICS_KEY], TRAIN_METRIC_KEYS)
 
 
 def screen_eval_reply(content: RecordDict) -> str | None:
@@ -87,7 +95,7 @@ def screen_eval_reply(content: RecordDict) -> str | None:
     if list(content.metric_records) != [METRICS_KEY]:
         return f"expected one MetricRecord '{METRICS_KEY}', found {sorted(content.metric_records)}"
     metrics = content.metric_records[METRICS_KEY]
-    reason = _screen_metrics(metrics)
+    reason = _screen_metrics(metrics, EVAL_METRIC_KEYS)
     if reason:
         return reason
     confusion = metrics.get("confusion")
@@ -97,10 +105,18 @@ def screen_eval_reply(content: RecordDict) -> str | None:
         return "'confusion' must hold non-negative integer counts"
     if sum(confusion) != metrics[WEIGHT_KEY]:
         return f"'confusion' sums to {sum(confusion)}, not {WEIGHT_KEY}={metrics[WEIGHT_KEY]}"
+    for modality in MODALITIES:
+        correct, total = metrics[f"{modality}-correct"], metrics[f"{modality}-total"]
+        if not (isinstance(correct, int) and isinstance(total, int) and 0 <= correct <= total):
+            return f"'{modality}-correct' and '{modality}-total' must be counts with correct <= total"
     return None
 
 
-def _screen_metrics(metrics: MetricRecord) -> str | None:
+def _screen_metrics(metrics: MetricRecord, allowed: frozenset[str]) -> str | None:
+    if set(metrics) != allowed:
+        unexpected = sorted(set(metrics) - allowed)
+        missing = sorted(allowed - set(metrics))
+        return f"metric keys differ from the protocol (unexpected {unexpected[:3]}, missing {missing[:3]})"
     weight = metrics.get(WEIGHT_KEY)
     if not isinstance(weight, int) or isinstance(weight, bool) or weight <= 0:
         return f"'{WEIGHT_KEY}' must be a positive integer, found {weight!r}"
@@ -243,9 +259,12 @@ class ScreenedStrategy:
         log.eval_ok = len(kept)
         if not kept:
             return None
-        metrics = super().aggregate_evaluate(server_round, kept)  # type: ignore[misc]
-        if metrics is not None:
-            log.eval_metrics = dict(metrics)
+        # The screen has checked every reply; aggregate directly rather than let
+        # Flower's own validation raise on what the screen already handled.
+        metrics = self.evaluate_metrics_aggr_fn(  # type: ignore[attr-defined]
+            [reply.content for reply in kept], self.weighted_by_key  # type: ignore[attr-defined]
+        )
+        log.eval_metrics = dict(metrics)
         return metrics
 
 

@@ -121,6 +121,13 @@ def local_superlink(home: Path, *, startup_timeout: float) -> Iterator[int]:
         _stop_group(process)
 
 
+def _last_words(log_path: Path) -> str:
+    """The most telling line at the end of a Flower log (its error box or last line)."""
+    lines = [ln.strip(" │╭╮╰╯─\t") for ln in log_path.read_text(errors="replace").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("Error")]
+    return lines[-1] if lines else "no output"
+
+
 def _healthy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as response:
@@ -154,6 +161,8 @@ def _flower_env(home: Path) -> dict[str, str]:
     # The SuperLink starts `flower-superexec` and `flwr-simulation` by name.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    # Every simulated device imports torch and transformers; let Python cache bytecode.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -234,7 +243,9 @@ def run_simulation(
                     if process.poll() is None:
                         _stop_group(process)  # type: ignore[arg-type]
             if process.returncode != 0:
-                raise SimulationError(f"`flwr run` exited with code {process.returncode} (log: {log_path})")
+                raise SimulationError(
+                    f"`flwr run` exited with code {process.returncode}: {_last_words(log_path)} (log: {log_path})"
+                )
     finally:
         shutil.rmtree(home, ignore_errors=True)
     if not (run_dir / "summary.json").is_file():

@@ -286,3 +286,13 @@ def test_build_model_rejects_bad_config(config: ModelConfig, message: str) -> No
     """Unknown fusions list the known ones; out-of-range values name their key."""
     with pytest.raises(ValueError, match=message):
         build_model(config, device="cpu")
+
+
+def test_embed_then_classify_equals_forward() -> None:
+    """forward is exactly classify(embed(...)), which evaluation uses per modality mask."""
+    model = _make_model().eval()
+    face, voice, ids, attn, mask = _make_batch()[:5]
+    fused, per_modality = model(face, voice, ids, attn, mask)
+    fused2, per_modality2 = model.classify(model.embed(face, voice, ids, attn), mask)
+    torch.testing.assert_close(fused, fused2)
+    torch.testing.assert_close(per_modality, per_modality2)

@@ -136,3 +136,16 @@ def test_rows_are_encoded_independently(mode: str) -> None:
     assert batch.shape == (3, 16)
     assert torch.isfinite(batch).all()
     assert torch.allclose(batch[1], alone[0], atol=1e-5)
+
+
+def test_frozen_memo_is_exact() -> None:
+    """Memoised frozen-encoder outputs equal a fresh encoder pass, in any batch order."""
+    encoder = _make_encoder("frozen").eval()
+    ids, mask = TextPreprocessor(_make_config())(["so happy today", "this is awful", "ok then"])
+    first = encoder(ids, mask)
+    assert len(encoder._memo) == 3
+    reordered = encoder(ids[[2, 0, 1]], mask[[2, 0, 1]])
+    torch.testing.assert_close(reordered, first[[2, 0, 1]])
+    with torch.no_grad():
+        fresh = encoder.norm(encoder.proj(encoder._encode(ids, mask.long())))
+    torch.testing.assert_close(first, fresh)

@@ -25,20 +25,23 @@ def _make_train_reply(**arrays: np.ndarray) -> RecordDict:
     return RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0}),
+            "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0, "steps": 2}),
         }
     )
 
 
 def _make_eval_reply(confusion: np.ndarray, loss: float = 1.0, **extra: int) -> RecordDict:
+    counts = {f"{m}-{k}": 0 for m in ("face", "voice", "text") for k in ("correct", "total")}
+    n = int(confusion.sum())
     return RecordDict(
         {
             "metrics": MetricRecord(
                 {
-                    "num-examples": int(confusion.sum()),
+                    "num-examples": n,
                     "loss": loss,
+                    "accuracy": float(np.trace(confusion) / n),
                     "confusion": [int(c) for c in confusion.reshape(-1)],
-                    **extra,
+                    **{**counts, **extra},
                 }
             )
         }
@@ -136,3 +139,19 @@ def test_build_strategy_by_name(name: str, base: type) -> None:
     assert strategy.fraction_train == 0.5
     if name == "fedprox":
         assert strategy.proximal_mu == pytest.approx(0.01)
+
+
+def test_metric_keys_outside_the_protocol_are_rejected() -> None:
+    """An extra metric (which could carry data) or a missing one is named and dropped."""
+    reply = _make_eval_reply(np.eye(7, dtype=int))
+    reply["metrics"]["embedding-norm"] = 3.0
+    assert "unexpected ['embedding-norm']" in (screen_eval_reply(reply) or "")
+    train = _make_train_reply()
+    del train["metrics"]["steps"]
+    assert "missing ['steps']" in (screen_train_reply(train, EXPECTED) or "")
+
+
+def test_modality_counts_must_be_consistent() -> None:
+    """More correct than total answers is a malformed reply."""
+    reply = _make_eval_reply(np.eye(7, dtype=int), **{"face-correct": 5, "face-total": 2})
+    assert "face-correct" in (screen_eval_reply(reply) or "")

@@ -1,0 +1,98 @@
+"""End to end: `emofed simulate` through `flwr run` on a real local SuperLink."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+EMOFED = [sys.executable, "-m", "emofed.cli"]
+pytestmark = pytest.mark.integration
+
+
+def _emofed(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [*EMOFED, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _read_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_round_simulation_writes_a_sane_run_directory(tmp_path: Path) -> None:
+    """3 devices, 2 rounds: progress per round, a table, and a complete run directory."""
+    proc = _emofed("simulate", "--config", "configs/smoke.yaml", f"output.dir={tmp_path}", "output.name=run")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "round 1/2" in proc.stdout and "round 2/2" in proc.stdout
+    run = tmp_path / "run"
+    assert f"run directory: {run}" in proc.stdout
+    assert not (tmp_path / "run.incomplete").exists()
+    assert {p.name for p in run.iterdir()} >= {
+        "config.yaml", "metrics.jsonl", "metrics.csv", "model.safetensors", "curves.png", "summary.json", "flower.log",
+    }
+    rows = _read_rows(run)
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["macro_f1"] <= 1.0
+        assert math.isfinite(row["train_loss"]) and math.isfinite(row["eval_loss"])
+        assert row["train_devices"] == 3 and row["eval_devices"] == 3 and row["failed_devices"] == 0
+        assert sum(row["confusion"]) == row["eval_examples"]
+    # The saved model holds exactly the shared (trainable) weights of the configured network.
+    from emofed.config import load_config
+    from models import build_model, shared_state_keys
+
+    cfg = load_config(run / "config.yaml")
+    assert cfg.devices == 3 and cfg.rounds == 2
+    weights = load_file(run / "model.safetensors")
+    assert sorted(weights) == sorted(shared_state_keys(build_model(cfg.model, device="cpu")))
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+    # No SuperLink or simulation process is left behind.
+    left = subprocess.run(["pgrep", "-f", "flower-superlink.*emofed-flwr"], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
+
+
+def test_folder_federation_with_broken_devices_completes(tmp_path: Path) -> None:
+    """A device without camera data trains; a device with unusable data is skipped, not fatal."""
+    fed = tmp_path / "fed"
+    proc = _emofed("data", "synth", "--out", str(fed), "devices=3", "data.samples_per_device=12", "seed=3")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((fed / "federation.json").read_text())
+    no_camera, broken = fed / meta["devices"][0], fed / meta["devices"][2]
+    shutil.rmtree(no_camera / "face")
+    (broken / "samples.jsonl").write_text("garbage\n")
+    proc = _emofed(
+        "simulate", "--config", "configs/smoke.yaml", "rounds=1", "data.source=folder",
+        f"data.path={fed}", f"output.dir={tmp_path}", "output.name=run",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = _read_rows(tmp_path / "run")
+    assert row["train_devices"] == 2 and row["eval_devices"] == 2
+    assert row["failed_devices"] == 2  # the broken device declined both requests
+    assert all("unusable device data" in f and "malformed line" in f for f in row["failures"])
+    assert "skipped:" in proc.stdout
+
+
+def test_config_typo_stops_before_any_work(tmp_path: Path) -> None:
+    """A typo is one line on stderr, exit code 2, and no run directory."""
+    proc = _emofed("simulate", "data.dirichlet_alpa=0.3", f"output.dir={tmp_path}", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "unknown key 'data.dirichlet_alpa'" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_data_folder_is_named(tmp_path: Path) -> None:
+    """A missing data folder is a clear error before the runtime starts."""
+    proc = _emofed("simulate", "data.source=folder", f"data.path={tmp_path / 'nope'}", timeout=60)
+    assert proc.returncode == 2
+    assert f"data folder not found: {tmp_path / 'nope'}" in proc.stderr
