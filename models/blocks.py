@@ -29,8 +29,11 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels)
 
 
+POOL_GRID = (3, 3)
+
+
 class ConvEncoder(nn.Module):
-    """Conv-GroupNorm-ReLU blocks with 2×2 pooling, global average pooling, projection.
+    """Conv-GroupNorm-ReLU blocks with 2×2 pooling, a 3×3 average-pooled grid, projection.
 
     Parameters
     ----------
@@ -82,9 +85,12 @@ class ConvEncoder(nn.Module):
             ]
             in_channels = out_channels
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        # A coarse grid, not a global average: where a feature sits (mouth vs brows,
+        # low vs high frequencies) is the emotion cue; global pooling throws it away
+        # and the encoders then learn several times more slowly.
+        self.pool = nn.AdaptiveAvgPool2d(POOL_GRID)
         self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(in_channels, embed_dim)
+        self.proj = nn.Linear(in_channels * POOL_GRID[0] * POOL_GRID[1], embed_dim)
         # Each encoder ends in LayerNorm so face, voice and text embeddings arrive at the
         # fusion on one scale, whatever their backbone.
         self.norm = nn.LayerNorm(embed_dim)
@@ -92,5 +98,5 @@ class ConvEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode ``x`` of shape (B, 1, H, W) into (B, embed_dim)."""
         h = self.features(x)  # (B, C, H / (stem_stride * 2**blocks), W / ...)
-        h = self.pool(h).flatten(1)  # (B, C)
+        h = self.pool(h).flatten(1)  # (B, C * 3 * 3)
         return self.norm(self.proj(self.dropout(h)))  # (B, E)

@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_default_yaml_loads_and_matches_documented_defaults() -> None:
-    """configs/default.yaml resolves to 24 devices, 5 rounds, FedAvg, privacy-free foundation."""
+    """configs/default.yaml resolves to 24 devices, 10 rounds, FedAvg."""
     cfg = load_config(ROOT / "configs" / "default.yaml")
-    assert (cfg.devices, cfg.rounds, cfg.strategy.name) == (24, 5, "fedavg")
+    assert (cfg.devices, cfg.rounds, cfg.strategy.name) == (24, 10, "fedavg")
     assert cfg.data.source == "synthetic" and cfg.model.text.mode == "frozen"
 
 

@@ -136,7 +136,7 @@ def test_build_strategy_by_name(name: str, base: type) -> None:
     """Each registered strategy is built and screened."""
     strategy = build_strategy(load_config(None, [f"strategy.name={name}"]))
     assert isinstance(strategy, base)
-    assert strategy.fraction_train == 0.5
+    assert strategy.fraction_train == 1.0
     if name == "fedprox":
         assert strategy.proximal_mu == pytest.approx(0.01)
 
