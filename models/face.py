@@ -239,7 +239,7 @@ class FaceCNN(nn.Module):
 
     def __init__(self, config: FaceModelConfig, embed_dim: int, dropout: float) -> None:
         super().__init__()
-        # Three blocks take 48×48 to 6×6 before global pooling.
+        # Three blocks take 48×48 to 6×6, pooled to a 3×3 grid (where a cue sits matters).
         self.body = ConvEncoder(width=config.width, blocks=3, embed_dim=embed_dim, dropout=dropout)
 
     def forward(self, face: torch.Tensor) -> torch.Tensor:

@@ -227,7 +227,7 @@ class VoiceCNN(nn.Module):
     Parameters
     ----------
     config : VoiceModelConfig
-        ``width`` is the channel count of the first of four blocks.
+        ``width`` is the channel count of the first of three blocks.
     embed_dim : int
         Size of the output embedding.
     dropout : float
@@ -241,8 +241,9 @@ class VoiceCNN(nn.Module):
 
     def __init__(self, config: VoiceModelConfig, embed_dim: int, dropout: float) -> None:
         super().__init__()
-        # Four blocks take 64 mels × 101 frames to 4 × 7 before global pooling, so the
-        # last block sees most of a one-second clip (prosody spans several syllables).
+        # A stride-2 stem and three blocks take 64 mels × 101 frames to 4 × 7 (a quarter
+        # of the cost of a full-resolution first block), pooled to a 3×3 grid that keeps
+        # coarse frequency and time position (pitch band, syllable rhythm).
         self.body = ConvEncoder(
             width=config.width, blocks=3, embed_dim=embed_dim, dropout=dropout, stem_stride=2
         )
