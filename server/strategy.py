@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
@@ -194,6 +194,13 @@ def aggregate_eval_metrics(contents: list[RecordDict], weight_key: str) -> Metri
     return MetricRecord(out)
 
 
+def _cast_to_spec(arrays: ArrayRecord, spec: Mapping[str, tuple[tuple[int, ...], str]]) -> ArrayRecord:
+    # Server optimizers (FedAdam) compute in float64; the model's dtypes do not change.
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(a.numpy().astype(spec[k][1], copy=False))) for k, a in arrays.items()}
+    )
+
+
 class ScreenedStrategy:
     """Mixin placed before a Flower strategy: screens replies and logs each round."""
 
@@ -206,7 +213,10 @@ class ScreenedStrategy:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        if not self._expected:
+            # The first global model fixes the protocol: every later round sends and
+            # accepts exactly these keys, shapes and dtypes.
+            self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self._log(server_round).train_sent = len(messages)
         return messages
@@ -249,6 +259,8 @@ class ScreenedStrategy:
             logger.warning("Round %d: no usable training reply; the global model is unchanged", server_round)
             return None, None
         arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        if arrays is not None:
+            arrays = _cast_to_spec(arrays, self._expected)
         if metrics is not None:
             log.train_metrics = dict(metrics)
         return arrays, metrics

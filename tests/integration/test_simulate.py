@@ -96,3 +96,16 @@ def test_missing_data_folder_is_named(tmp_path: Path) -> None:
     proc = _emofed("simulate", "data.source=folder", f"data.path={tmp_path / 'nope'}", timeout=60)
     assert proc.returncode == 2
     assert f"data folder not found: {tmp_path / 'nope'}" in proc.stderr
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_other_strategies_train_every_round(tmp_path: Path, strategy: str) -> None:
+    """FedProx and FedAdam run through Flower with no device reply dropped."""
+    proc = _emofed(
+        "simulate", "--config", "configs/smoke.yaml", f"strategy.name={strategy}",
+        f"output.dir={tmp_path}", "output.name=run",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _read_rows(tmp_path / "run")
+    assert [r["train_devices"] for r in rows] == [3, 3]
+    assert all(r["failed_devices"] == 0 for r in rows)

@@ -155,3 +155,13 @@ def test_modality_counts_must_be_consistent() -> None:
     """More correct than total answers is a malformed reply."""
     reply = _make_eval_reply(np.eye(7, dtype=int), **{"face-correct": 5, "face-total": 2})
     assert "face-correct" in (screen_eval_reply(reply) or "")
+
+
+def test_aggregates_keep_the_model_dtypes() -> None:
+    """A float64 aggregate (FedAdam computes in float64) is cast back to the model's dtypes."""
+    from server.strategy import _cast_to_spec
+
+    record = ArrayRecord({"w": Array(np.ones((2, 3), np.float64)), "b": Array(np.zeros(3, np.float64))})
+    cast = _cast_to_spec(record, EXPECTED)
+    assert {k: a.dtype for k, a in cast.items()} == {"w": "float32", "b": "float32"}
+    assert screen_train_reply(_make_train_reply(**{k: a.numpy() for k, a in cast.items()}), EXPECTED) is None
