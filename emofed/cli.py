@@ -136,6 +136,27 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Verify a run's privacy ledger and recompute its ε with independent accountants."""
+    from privacy.audit import audit
+
+    pinned: dict[str, str] = {}
+    for item in args.pin or ():
+        scope, sep, key = item.partition("=")
+        if not sep or not scope or not key:
+            return _fail(f"--pin {item!r} is not of the form SCOPE=FINGERPRINT")
+        pinned[scope] = key
+    try:
+        report = audit(Path(args.path), pinned_keys=pinned or None)
+    except (FileNotFoundError, ValueError) as err:
+        return _fail(str(err))
+    print(report.format_table())
+    if args.json:
+        Path(args.json).write_text(report.to_json() + "\n", encoding="utf-8")
+        print(f"report written to {args.json}")
+    return 0 if report.ok else 1
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help=f"YAML configuration (default: {DEFAULT_CONFIG.relative_to(APP_DIR)})")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. rounds=10 devices=50")
@@ -160,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(synth)
     synth.add_argument("--out", "-o", required=True, help="output folder (must not exist)")
     synth.set_defaults(func=cmd_data_synth)
+
+    audit = sub.add_parser(
+        "audit",
+        help="verify a privacy ledger (hash chains, signatures, budgets) and recompute ε",
+    )
+    audit.add_argument("path", help="a run directory holding ledger/, or a ledger directory")
+    audit.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    audit.add_argument(
+        "--pin", action="append", metavar="SCOPE=FINGERPRINT",
+        help="expected key fingerprint of a scope, obtained out of band (repeatable)",
+    )
+    audit.set_defaults(func=cmd_audit)
 
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
