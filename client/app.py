@@ -17,12 +17,11 @@ from flwr.clientapp import ClientApp
 
 from client.data import FederationFolderError, UnusableDeviceData, load_device_data
 from client.train import evaluate_local, select_device, train_local
-from emofed.config import ConfigError, EmofedConfig, fingerprint, from_json
+from emofed.config import MESSAGE_CONFIG_KEY, ConfigError, EmofedConfig, fingerprint, from_json
 from models import MultimodalEmotionNet, build_model, get_state, set_state
 
 logger = logging.getLogger(__name__)
 
-CONFIG_JSON_KEY = "emofed-config"
 # Flower's error codes below 1000 are its own; ours say why a device declined.
 ERROR_UNUSABLE_DATA = 1001
 ERROR_BAD_REQUEST = 1002
@@ -36,11 +35,11 @@ _MODELS: dict[str, MultimodalEmotionNet] = {}
 def _config(msg: Message) -> EmofedConfig:
     try:
         record = msg.content["config"]
-        text = record[CONFIG_JSON_KEY]
+        text = record[MESSAGE_CONFIG_KEY]
     except KeyError:
-        raise ConfigError(f"message carries no '{CONFIG_JSON_KEY}' in its config record") from None
+        raise ConfigError(f"message carries no '{MESSAGE_CONFIG_KEY}' in its config record") from None
     if not isinstance(text, str):
-        raise ConfigError(f"'{CONFIG_JSON_KEY}' must be a JSON string")
+        raise ConfigError(f"'{MESSAGE_CONFIG_KEY}' must be a JSON string")
     return from_json(text)
 
 

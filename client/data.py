@@ -111,7 +111,7 @@ def read_device_folder(folder: str | Path) -> tuple[list[RawSample], list[RawSam
     train: list[RawSample] = []
     test: list[RawSample] = []
     with open(index, "rb") as handle:
-        for number, raw_line in enumerate(handle, start=1):
+        for raw_line in handle:
             if not raw_line.strip():
                 continue
             try:

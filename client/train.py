@@ -70,6 +70,9 @@ def train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = make_optimizer(params, cfg)
+    # Dropout and modality dropout draw from the global RNG, whose state would otherwise
+    # depend on which devices this (simulation) process happened to serve before.
+    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=generator)
     total_loss, total_n, steps = 0.0, 0, 0

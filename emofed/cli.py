@@ -17,6 +17,8 @@ from emofed.config import ConfigError, EmofedConfig, load_config, to_yaml
 
 APP_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = APP_DIR / "configs" / "default.yaml"
+# Same as server.report.PROGRESS_PREFIX; not imported so that a typo in the
+# configuration is reported before torch and Flower load.
 PROGRESS_PREFIX = "emofed |"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

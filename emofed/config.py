@@ -156,6 +156,10 @@ class EmofedConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
+# Key of the resolved configuration (JSON) in the ConfigRecord of every round's message.
+MESSAGE_CONFIG_KEY = "emofed-config"
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be run; the message is one line naming the key."""
 

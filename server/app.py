@@ -16,17 +16,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from emofed.config import EmofedConfig, load_config, to_json, to_yaml
+from emofed.config import MESSAGE_CONFIG_KEY, EmofedConfig, load_config, to_json, to_yaml
 from models import build_model, get_state, shared_state_keys
-from server.report import plot_curves
+from server.report import PROGRESS_PREFIX, plot_curves
 from server.rundir import PLOT_FILE, RunDirectory
-from server.strategy import CONFIG_KEY, RoundLog, build_strategy
+from server.strategy import RoundLog, build_strategy
 
 logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[1]
-PROGRESS_PREFIX = "emofed |"
-CONFIG_JSON_KEY = "emofed-config"
 _LOGGERS = ("emofed", "server", "client", "models", "privacy", "simulations")
 
 app = ServerApp()
@@ -168,15 +166,15 @@ def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
 
     strategy = build_strategy(cfg)
     reporter = RoundReporter(cfg, run_dir, strategy.round_logs)  # type: ignore[attr-defined]
-    round_config = ConfigRecord({CONFIG_JSON_KEY: to_json(cfg)})
+    payload = to_json(cfg)  # devices rebuild and re-validate the same config
     started = time.monotonic()
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=cfg.rounds,
         timeout=cfg.strategy.round_timeout_s,
-        train_config=round_config,
-        evaluate_config=ConfigRecord({CONFIG_JSON_KEY: to_json(cfg)}),
+        train_config=ConfigRecord({MESSAGE_CONFIG_KEY: payload}),
+        evaluate_config=ConfigRecord({MESSAGE_CONFIG_KEY: payload}),
         evaluate_fn=reporter,
     )
     wall = time.monotonic() - started

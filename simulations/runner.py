@@ -32,7 +32,6 @@ from emofed.config import EmofedConfig
 logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[1]
-PROGRESS_PREFIX = "emofed |"
 CONNECTION = "emofed-local"
 
 

@@ -134,3 +134,25 @@ def test_load_device_data_from_folder_by_partition(tmp_path: Path) -> None:
     assert data.device_id == "device-001" and (data.num_train, data.num_test) == (4, 2)
     with pytest.raises(UnusableDeviceData, match="partition 5 has no device"):
         load_device_data(cfg, {"partition-id": 5})
+
+
+def test_local_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
+    """Two trainings from the same weights and seed give identical weights, whatever ran before."""
+    import torch
+
+    from client.train import train_local
+    from models import build_model, get_state, set_state
+
+    cfg = load_config(None, ["devices=2", "train.local_epochs=1"])
+    train, test, skipped = read_device_folder(_make_device(tmp_path, "d"))
+    data = preprocess_device(cfg, "d", train, test, skipped)
+    model = build_model(cfg.model, device="cpu")
+    start = get_state(model)
+    results = []
+    for burn in (0, 5):
+        torch.rand(burn)  # disturb the global RNG as another device's work would
+        set_state(model, start)
+        train_local(model, data.train, cfg=cfg.train, aux_weight=1.0, device=torch.device("cpu"), seed=11)
+        results.append(get_state(model))
+    for key in results[0]:
+        np.testing.assert_array_equal(results[0][key], results[1][key])
