@@ -1,6 +1,6 @@
 """Benchmark (not a test): time an audit of a simulated run; prints figures.
 
-Run: ``.venv/bin/python -m tests.privacy.bench_audit [devices] [rounds]``.
+Run: ``.venv/bin/python benchmarks/audit.py [devices] [rounds]``.
 """
 
 from __future__ import annotations
