@@ -12,12 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from emofed.config import RuntimeConfig, TrainConfig
-from models import emotion_loss
+from models import MODALITIES, NUM_CLASSES, emotion_loss
 
 logger = logging.getLogger(__name__)
-
-NUM_CLASSES = 7
-MODALITIES = ("face", "voice", "text")
 
 
 def select_device(runtime: RuntimeConfig) -> torch.device:

@@ -78,11 +78,11 @@ class RunDirectory:
         self.path = self.final_path.with_name(self.final_path.name + INCOMPLETE_SUFFIX)
         if self.final_path.exists():
             raise RunDirectoryError(f"run directory already exists: {self.final_path}")
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            # Left by a failed run under the same name: kept for diagnosis, never reused.
+            raise RunDirectoryError(f"an incomplete run already uses {self.path}; choose another name")
+        self.path.mkdir(parents=True)
         self._rows: list[dict[str, Any]] = []
-        existing = self.path / METRICS_JSONL
-        if existing.exists():  # the CLI may have staged the directory already
-            existing.unlink()
 
     @property
     def rows(self) -> list[dict[str, Any]]:

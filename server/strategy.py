@@ -19,11 +19,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from emofed.config import EmofedConfig
+from models import MODALITIES, NUM_CLASSES
 
 logger = logging.getLogger(__name__)
-
-NUM_CLASSES = 7
-MODALITIES = ("face", "voice", "text")
 WEIGHT_KEY = "num-examples"
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"

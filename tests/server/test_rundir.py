@@ -69,3 +69,11 @@ def test_table_and_plot(tmp_path: Path) -> None:
     assert table.splitlines()[-1].split()[0] == "3"
     path = plot_curves(_make_rows(), tmp_path / "c.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_run_is_never_reused(tmp_path: Path) -> None:
+    """A leftover .incomplete directory of the same name is refused, not overwritten."""
+    RunDirectory(tmp_path / "r").fail("boom")
+    with pytest.raises(RunDirectoryError, match="incomplete run already uses"):
+        RunDirectory(tmp_path / "r")
+    assert (tmp_path / "r.incomplete" / "FAILED").exists()
