@@ -116,6 +116,43 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class DeviceDPConfig:
+    """Sample-level DP-SGD on every device (Opacus, Poisson sampling of the local data)."""
+
+    enabled: bool = True
+    epsilon: float = 3.0  # each device's budget over the whole run: hard stop and calibration target
+    noise_multiplier: float | None = None  # None: calibrated so the planned rounds spend `epsilon`
+    max_grad_norm: float = 1.0  # per-sample gradient clipping norm
+
+
+@dataclass(frozen=True)
+class UserDPConfig:
+    """User-level DP on the aggregate: each device's update clipped, Gaussian noise on the mean."""
+
+    enabled: bool = False
+    epsilon: float = 3.0  # the federation's budget over the whole run: hard stop and target
+    noise_multiplier: float | None = None  # None: calibrated so the planned rounds spend `epsilon`
+    clipping: str = "fixed"  # fixed | adaptive (Andrew et al. 2021)
+    clipping_norm: float = 1.0  # the norm, or the starting norm when adaptive
+    target_quantile: float = 0.5  # adaptive: share of updates that should stay unclipped
+    clip_lr: float = 0.2  # adaptive: geometric learning rate of the norm
+    clipped_count_stddev: float | None = None  # adaptive: noise on the count; None: max(m/20, sigma)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy: presets, the two DP levels, accounting and the ledger."""
+
+    preset: str = "balanced"  # a file in configs/privacy/ giving defaults for this section
+    delta: float = 1e-5  # for every scope; must be well below 1 / number of records
+    accountant: str = "opacus_rdp"  # accountant for budget decisions and recorded epsilons
+    secure_mode: bool = False  # noise from the OS entropy pool, robust to floating-point attacks
+    server_key: str | None = None  # server ledger key; None: <output.dir>/.keys/server-ledger.key
+    device: DeviceDPConfig = field(default_factory=DeviceDPConfig)
+    user: UserDPConfig = field(default_factory=UserDPConfig)
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Flower's simulation runtime (Ray) on this machine."""
 
@@ -151,6 +188,7 @@ class EmofedConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -173,6 +211,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adam", "sgd"),
     "strategy.name": ("fedavg", "fedprox", "fedadam"),
     "runtime.device": ("auto", "cpu", "cuda"),
+    "privacy.accountant": ("opacus_rdp", "opacus_prv", "dpa_pld", "dpa_rdp"),
+    "privacy.user.clipping": ("fixed", "adaptive"),
 }
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, 2**32 - 1),
@@ -222,7 +262,24 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "simulation.gpus_per_device": (0.0, 64.0),
     "simulation.startup_timeout_s": (5.0, 3600.0),
     "runtime.threads": (1, 1024),
+    "privacy.delta": (1e-15, 0.1),
+    "privacy.device.epsilon": (0.01, 1000.0),
+    "privacy.device.noise_multiplier": (0.01, 10_000.0),
+    "privacy.device.max_grad_norm": (1e-6, 1e6),
+    "privacy.user.epsilon": (0.01, 1000.0),
+    "privacy.user.noise_multiplier": (0.01, 10_000.0),
+    "privacy.user.clipping_norm": (1e-6, 1e6),
+    "privacy.user.target_quantile": (0.0, 1.0),
+    "privacy.user.clip_lr": (1e-4, 10.0),
+    "privacy.user.clipped_count_stddev": (1e-6, 1e6),
 }
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "privacy"
+
+
+def privacy_presets() -> list[str]:
+    """Names of the privacy presets shipped in ``configs/privacy/``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def _unfreeze(node: DictConfig) -> None:
@@ -280,11 +337,37 @@ def _check_consistency(cfg: EmofedConfig) -> None:
             f"'model.voice.n_mels' must be at most n_fft // 2 + 1 = "
             f"{cfg.model.voice.n_fft // 2 + 1}. Found {cfg.model.voice.n_mels}."
         )
+    if cfg.privacy.user.enabled and cfg.privacy.delta * cfg.devices > 0.1:
+        raise ConfigError(
+            f"'privacy.delta' must be well below 1/devices for user-level DP "
+            f"(at most {0.1 / cfg.devices:.3g} with devices={cfg.devices}). Found {cfg.privacy.delta}."
+        )
     if cfg.strategy.min_train_devices > cfg.devices:
         raise ConfigError(
             f"'strategy.min_train_devices' must be at most devices={cfg.devices}. "
             f"Found {cfg.strategy.min_train_devices}."
         )
+
+
+def _merge(schema: DictConfig, layers: Sequence[tuple[str, DictConfig]]) -> DictConfig:
+    merged = schema
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            raise _one_line(err, source) from None
+    return merged
+
+
+def _preset_layer(name: str) -> tuple[str, DictConfig]:
+    known = privacy_presets()
+    if name not in known:
+        raise ConfigError(f"'privacy.preset' must be one of {', '.join(known)}. Found {name!r}.")
+    path = PRESET_DIR / f"{name}.yaml"
+    layer = OmegaConf.load(path)
+    if not isinstance(layer, DictConfig) or set(layer) - {"privacy"}:
+        raise ConfigError(f"{path}: a privacy preset may only set keys under 'privacy'")
+    return str(path), layer
 
 
 def load_config(
@@ -332,12 +415,14 @@ def load_config(
             layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
         except OmegaConfBaseException as err:
             raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from None
-    merged = schema
-    for source, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as err:
-            raise _one_line(err, source) from None
+    merged = _merge(schema, layers)
+    # The preset gives defaults for the privacy section; keys set in the file or on the
+    # command line win over it, wherever the preset itself was chosen.
+    preset = merged.privacy.preset
+    if preset == "False":  # YAML 1.1 reads a bare `off` as false; the preset is meant
+        preset = "off"
+        layers = [*layers, ("privacy.preset", OmegaConf.create({"privacy": {"preset": "off"}}))]
+    merged = _merge(schema, [_preset_layer(preset), *layers])
     _check_ranges(merged)
     cfg = OmegaConf.to_object(merged)
     if not isinstance(cfg, EmofedConfig):  # pragma: no cover - omegaconf contract

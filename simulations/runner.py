@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emofed.config import EmofedConfig
+from emofed.protocol import simulated_device_root
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ def run_simulation(
                     f"config={_toml_string(str(config_path))}",
                     f"overrides={_toml_string(shlex.join(overrides))}",
                     f"run-dir={_toml_string(str(run_dir))}",
+                    f"device-root={_toml_string(str(simulated_device_root(run_dir)))}",
                 ]
             )
             federation = (

@@ -1,0 +1,64 @@
+"""What the coordinator and the devices say to each other, beyond Flower's own records.
+
+Both sides import these names; neither imports the other's package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Config record keys of a training message (besides emofed.config.MESSAGE_CONFIG_KEY).
+SERVER_ROUND_KEY = "server-round"  # set by Flower's strategies
+CLIPPING_NORM_KEY = "clipping-norm"  # user-level DP: the norm each device clips its update to
+
+# Training metrics every device sends; which extra ones depends on the privacy config.
+TRAIN_METRICS = frozenset({"num-examples", "train-loss", "steps"})
+DEVICE_DP_METRICS = frozenset(
+    {
+        "dp-epsilon",  # the device's cumulative epsilon after this round
+        "dp-noise-multiplier",  # sigma of this round's DP-SGD
+        "dp-sample-rate",  # Poisson sampling rate q of this round's DP-SGD
+    }
+)
+USER_DP_METRICS = frozenset(
+    {
+        "update-clipped",  # 1 if the device's update was longer than the clipping norm
+    }
+)
+
+# Error codes of a declined request (Flower's own codes are below 1000).
+ERROR_UNUSABLE_DATA = 1001
+ERROR_BAD_REQUEST = 1002
+ERROR_TRAINING_FAILED = 1003
+ERROR_BUDGET_EXHAUSTED = 1004  # the device's privacy budget cannot pay for this round
+
+
+def train_metric_keys(device_dp: bool, user_dp: bool) -> frozenset[str]:
+    """The exact metric keys of a training reply under the given privacy settings."""
+    keys = set(TRAIN_METRICS)
+    if device_dp:
+        keys |= DEVICE_DP_METRICS
+    if user_dp:
+        keys |= USER_DP_METRICS
+    return frozenset(keys)
+
+# Evaluation metrics every device sends (per modality: the fused path with only that sensor).
+EVAL_METRICS = frozenset(
+    {"num-examples", "loss", "accuracy", "confusion"}
+    | {f"{m}-{kind}" for m in ("face", "voice", "text") for kind in ("correct", "total")}
+)
+
+# Run-config key (simulation only): where simulated devices keep their own stores.
+DEVICE_ROOT_KEY = "device-root"
+# Node-config keys (deployment): the device's own store and its name in the ledger.
+DEVICE_DIR_KEY = "device-dir"
+DEVICE_ID_KEY = "device-id"
+
+
+def simulated_device_root(run_dir: Path) -> Path:
+    """Where simulated devices keep their stores: inside the run's working directory.
+
+    The ServerApp writes the run to ``<run_dir>.incomplete`` and renames it when done
+    (``server.rundir``), so the device stores end up in ``<run_dir>/simulated-devices``.
+    """
+    return run_dir.with_name(run_dir.name + ".incomplete") / "simulated-devices"
