@@ -1,33 +1,165 @@
 """The Flower ClientApp: what a device does when the coordinator asks it to train or evaluate.
 
 Everything the device sends is built here: the shared-weight arrays the server sent
-(updated) and numeric metrics. Raw samples and features never leave this module.
+(updated), numeric metrics, and under device-level DP its signed privacy ledger.
+Raw samples and features never leave this module, and every reply passes the
+outgoing-message guard (:class:`DeviceGuardMod`) before it leaves the device.
+
+A training reply carries (``emofed.protocol``):
+
+* ``"arrays"``: the shared weights the server sent, same keys, shapes and dtypes;
+  under user-level DP the update (new − received) is clipped to the message's
+  ``clipping-norm`` before it is added back;
+* ``"metrics"``: exactly ``train_metric_keys(device_dp, user_dp)``;
+* ``"privacy.ledger"`` (device-level DP only): the device's whole signed chain.
+
+A device that must not train answers with an error reply instead: ``ERROR_*`` codes
+of ``emofed.protocol``, with a one-line reason.
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.data import FederationFolderError, UnusableDeviceData, load_device_data
+from client.dp import (
+    DevicePrivacy,
+    DeviceStore,
+    DPSGDSettings,
+    check_device_delta,
+    clip_update,
+    plan_dp_sgd,
+    round_noise_multiplier,
+    user_clipping_norm,
+)
 from client.train import evaluate_local, select_device, train_local
 from emofed.config import MESSAGE_CONFIG_KEY, ConfigError, EmofedConfig, fingerprint, from_json
-from models import MultimodalEmotionNet, build_model, get_state, set_state
+from emofed.protocol import (
+    DEVICE_DP_METRICS,
+    ERROR_BAD_REQUEST,
+    ERROR_BUDGET_EXHAUSTED,
+    ERROR_TRAINING_FAILED,
+    ERROR_UNUSABLE_DATA,
+    EVAL_METRICS,
+    SERVER_ROUND_KEY,
+    TRAIN_METRICS,
+    USER_DP_METRICS,
+)
+from models import NUM_CLASSES, MultimodalEmotionNet, build_model, get_state, set_state
+from privacy.errors import GuardViolation, LedgerTampered, PrivacyBudgetExceeded
+from privacy.guard import LEDGER_RECORD, OutgoingGuardMod
+from privacy.keys import public_key_to_string
 
 logger = logging.getLogger(__name__)
 
-# Flower's error codes below 1000 are its own; ours say why a device declined.
-ERROR_UNUSABLE_DATA = 1001
-ERROR_BAD_REQUEST = 1002
-ERROR_TRAINING_FAILED = 1003
+__all__ = [
+    "ERROR_BAD_REQUEST",
+    "ERROR_BUDGET_EXHAUSTED",
+    "ERROR_TRAINING_FAILED",
+    "ERROR_UNUSABLE_DATA",
+    "METRIC_ALLOWLIST",
+    "DeviceGuardMod",
+    "app",
+    "evaluate",
+    "train",
+]
 
-app = ClientApp()
+# Every metric a reply may carry; the handlers send exactly the protocol's set per reply.
+METRIC_ALLOWLIST = TRAIN_METRICS | DEVICE_DP_METRICS | USER_DP_METRICS | EVAL_METRICS
+CONFUSION_KEY = "confusion"
+
+
+class DeviceGuardMod(OutgoingGuardMod):
+    """The outgoing-message guard with two device-specific checks.
+
+    One mod serves every device of a (simulation) process, so two things the base
+    mod takes at construction are settled per reply, after the ClientApp answered:
+
+    * a shipped ledger must be signed by *this* device's key, read from its store;
+      its ``public_key`` field must be that key;
+    * evaluation's ``confusion`` metric, a list (the base guard refuses every list,
+      which could carry an embedding), passes only as exactly ``NUM_CLASSES²``
+      non-negative integer counts summing to ``num-examples``; the rest of the reply
+      goes through the base guard.
+    """
+
+    def __call__(
+        self, msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
+        """Run the ClientApp, then let its reply out only if the guard allows it."""
+        reply = call_next(msg, ctxt)
+        if reply.has_error():
+            return reply
+        try:
+            content = _without_confusion(reply.content)
+            key = _ledger_key(reply.content, ctxt)
+        except GuardViolation as err:
+            logger.error("%s", err)
+            return self._blocked(msg, "privacy guard blocked the reply: " + ", ".join(err.kinds))
+        kwargs = {**self.guard_kwargs, "ledger_public_key": key}
+        guard = OutgoingGuardMod(self.metric_allowlist, **kwargs)
+        checked = guard(msg, ctxt, lambda _msg, _ctxt: Message(content, reply_to=msg))
+        return checked if checked.has_error() else reply
+
+
+def _without_confusion(content: RecordDict) -> RecordDict:
+    metrics = content.metric_records.get("metrics")
+    if metrics is None or CONFUSION_KEY not in metrics:
+        return content
+    counts, total = metrics[CONFUSION_KEY], metrics.get("num-examples")
+    if not (
+        isinstance(counts, list)
+        and len(counts) == NUM_CLASSES * NUM_CLASSES
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+        and isinstance(total, int)
+        and sum(counts) == total
+    ):
+        raise GuardViolation(
+            f"Outgoing message blocked: metric '{CONFUSION_KEY}' is not {NUM_CLASSES}x{NUM_CLASSES} "
+            "counts summing to num-examples.",
+            kinds=("metric value",),
+        )
+    stripped = RecordDict(dict(content.items()))
+    stripped["metrics"] = MetricRecord({k: v for k, v in metrics.items() if k != CONFUSION_KEY})
+    return stripped
+
+
+def _ledger_key(content: RecordDict, ctxt: Context) -> str | None:
+    if LEDGER_RECORD not in content.config_records:
+        return None
+    try:
+        key = public_key_to_string(DeviceStore.from_context(ctxt).public_key())
+    except (OSError, ValueError) as err:
+        raise GuardViolation(
+            f"Outgoing message blocked: the device's ledger key is unusable ({err}).",
+            kinds=("ledger key",),
+        ) from None
+    if content.config_records[LEDGER_RECORD].get("public_key") != key:
+        raise GuardViolation(
+            "Outgoing message blocked: ledger public_key is not this device's key.",
+            kinds=("ledger key",),
+        )
+    return key
+
+
+app = ClientApp(mods=[DeviceGuardMod(METRIC_ALLOWLIST, allow_ledger=True)])
 
 _MODELS: dict[str, MultimodalEmotionNet] = {}
 
@@ -55,9 +187,18 @@ def _model(cfg: EmofedConfig, arrays: ArrayRecord) -> MultimodalEmotionNet:
 
 
 def _seed(cfg: EmofedConfig, msg: Message, context: Context) -> int:
-    server_round = int(msg.content["config"].get("server-round", 0))
+    server_round = int(msg.content["config"].get(SERVER_ROUND_KEY, 0))
     node = str(context.node_config.get("partition-id", context.node_id))
     return zlib.crc32(f"{cfg.seed}:{server_round}:{node}".encode())
+
+
+def _server_round(config: ConfigRecord) -> int:
+    value = config.get(SERVER_ROUND_KEY)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"Training message config '{SERVER_ROUND_KEY}' must be a round number. Found {value!r}."
+        )
+    return value
 
 
 def _error_reply(msg: Message, code: int, reason: str) -> Message:
@@ -76,24 +217,59 @@ def _handle(msg: Message, context: Context, *, train: bool) -> Message:
         model = _model(cfg, arrays)
         device = select_device(cfg.runtime)
         if train:
-            metrics = _train(cfg, msg, context, model, data.train, device)
-            updated = get_state(model, list(arrays.keys()))
-            record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in updated.items()})
-            return Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
+            return _train(cfg, msg, context, model, arrays, data.train, device)
         metrics = _evaluate(cfg, model, data.test, device)
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     except (UnusableDeviceData, FederationFolderError) as err:
         return _error_reply(msg, ERROR_UNUSABLE_DATA, f"unusable device data: {err}")
+    except PrivacyBudgetExceeded as err:
+        return _error_reply(msg, ERROR_BUDGET_EXHAUSTED, str(err))
+    except LedgerTampered as err:
+        return _error_reply(msg, ERROR_TRAINING_FAILED, f"device ledger fails verification: {err}")
     except (ConfigError, ValueError, KeyError, TypeError) as err:
         return _error_reply(msg, ERROR_BAD_REQUEST, f"{type(err).__name__}: {err}")
     except FloatingPointError as err:
         return _error_reply(msg, ERROR_TRAINING_FAILED, str(err))
+    except OSError as err:
+        return _error_reply(msg, ERROR_TRAINING_FAILED, f"device store unusable: {err}")
 
 
 def _train(
-    cfg: EmofedConfig, msg: Message, context: Context, model: MultimodalEmotionNet, data: Any, device: torch.device
-) -> dict[str, Any]:
-    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    cfg: EmofedConfig,
+    msg: Message,
+    context: Context,
+    model: MultimodalEmotionNet,
+    arrays: ArrayRecord,
+    data: Any,
+    device: torch.device,
+) -> Message:
+    config = msg.content["config"]
+    proximal_mu = float(config.get("proximal-mu", 0.0))
+    # Everything that can refuse the round is settled before training.
+    clipping_norm = user_clipping_norm(config) if cfg.privacy.user.enabled else None
+    privacy: DevicePrivacy | None = None
+    settings: DPSGDSettings | None = None
+    if cfg.privacy.device.enabled:
+        server_round = _server_round(config)
+        check_device_delta(cfg.privacy.delta, num_examples=len(data))
+        plan = plan_dp_sgd(
+            len(data), batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs
+        )
+        settings = DPSGDSettings(
+            plan=plan,
+            noise_multiplier=round_noise_multiplier(
+                cfg.privacy.device,
+                delta=cfg.privacy.delta,
+                accountant=cfg.privacy.accountant,
+                rounds=cfg.rounds,
+                plan=plan,
+            ),
+            max_grad_norm=cfg.privacy.device.max_grad_norm,
+            secure_mode=cfg.privacy.secure_mode,
+        )
+        privacy = DevicePrivacy.open(DeviceStore.from_context(context), cfg.privacy)
+        privacy.check(settings.event, server_round=server_round)
+
     result = train_local(
         model,
         data,
@@ -102,17 +278,51 @@ def _train(
         device=device,
         seed=_seed(cfg, msg, context),
         proximal_mu=proximal_mu,
+        dp=settings,
     )
-    return {"num-examples": len(data), "train-loss": result.loss, "steps": result.steps}
+    updated = get_state(model, list(arrays.keys()))
+    metrics: dict[str, Any] = {
+        "num-examples": len(data), "train-loss": result.loss, "steps": result.steps
+    }
+    if clipping_norm is not None:
+        received = {k: a.numpy() for k, a in arrays.items()}
+        metrics["update-clipped"] = int(clip_update(updated, received, clipping_norm=clipping_norm))
+    ledger = None
+    if privacy is not None and settings is not None:
+        # Spent and signed before anything leaves; if this raises, only the decline does.
+        metrics["dp-epsilon"] = privacy.record(
+            settings.event,
+            server_round=server_round,
+            clipping_norm=settings.max_grad_norm,
+            extra={
+                "examples": len(data),
+                "batch_size": cfg.train.batch_size,
+                "local_epochs": cfg.train.local_epochs,
+            },
+        )
+        metrics["dp-noise-multiplier"] = settings.noise_multiplier
+        metrics["dp-sample-rate"] = settings.plan.sample_rate
+        ledger = privacy.ledger_record()
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in updated.items()}),
+            "metrics": MetricRecord(metrics),
+        }
+    )
+    if ledger is not None:
+        content[LEDGER_RECORD] = ledger
+    return Message(content, reply_to=msg)
 
 
-def _evaluate(cfg: EmofedConfig, model: MultimodalEmotionNet, data: Any, device: torch.device) -> dict[str, Any]:
+def _evaluate(
+    cfg: EmofedConfig, model: MultimodalEmotionNet, data: Any, device: torch.device
+) -> dict[str, Any]:
     result = evaluate_local(model, data, batch_size=max(cfg.train.batch_size, 64), device=device)
     metrics: dict[str, Any] = {
         "num-examples": result.num_examples,
         "loss": result.loss,
         "accuracy": result.accuracy,
-        "confusion": [int(c) for c in result.confusion.reshape(-1)],
+        CONFUSION_KEY: [int(c) for c in result.confusion.reshape(-1)],
     }
     # Every key always (zeros for a missing sensor): the server accepts one key set.
     for modality, total in result.modality_total.items():
@@ -123,7 +333,7 @@ def _evaluate(cfg: EmofedConfig, model: MultimodalEmotionNet, data: Any, device:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the shared layers on this device's training split."""
+    """Train the shared layers on this device's training split (DP-SGD under device DP)."""
     return _handle(msg, context, train=True)
 
 

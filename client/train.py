@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.dp import DPSGDSettings, private_training
 from emofed.config import RuntimeConfig, TrainConfig
 from models import MODALITIES, NUM_CLASSES, emotion_loss
 
@@ -57,11 +58,24 @@ def train_local(
     device: torch.device,
     seed: int,
     proximal_mu: float = 0.0,
+    dp: DPSGDSettings | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.local_epochs`` epochs on one device's data.
 
     With ``proximal_mu`` > 0 the FedProx term (mu/2)·||w − w_global||² is added
     (Li et al., 2020, "Federated Optimization in Heterogeneous Networks", eq. 2).
+
+    With ``dp``, every step is a DP-SGD step (:func:`client.dp.private_training`):
+    Poisson-sampled batches, per-sample clipping to ``dp.max_grad_norm`` and Gaussian
+    noise; ``cfg.max_grad_norm`` does not apply. Opacus replaces each gradient with the
+    privatised sum of per-sample gradients, which would drop the proximal term, so its
+    gradient mu·(w − w_global) is added after privatisation: it does not depend on the
+    data, so it costs no privacy.
+
+    Raises
+    ------
+    FloatingPointError
+        If the training loss is not finite.
     """
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -72,15 +86,10 @@ def train_local(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=generator)
-    total_loss, total_n, steps = 0.0, 0, 0
-    for _ in range(cfg.local_epochs):
-        for face, voice, ids, attn, mask, label in loader:
-            face, voice, ids, attn, mask, label = (
-                t.to(device) for t in (face, voice, ids, attn, mask, label)
-            )
-            optimizer.zero_grad(set_to_none=True)
-            fused, per_modality = model(face, voice, ids, attn, mask)  # (B, 7), (B, 3, 7)
-            loss = emotion_loss(fused, per_modality, mask, label, aux_weight)
+
+    if dp is None:
+
+        def step(loss: torch.Tensor) -> None:
             objective = loss
             if anchor:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
@@ -89,9 +98,58 @@ def train_local(
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+
+        return _train_epochs(model, loader, optimizer, step, cfg.local_epochs, aux_weight, device)
+
+    with private_training(model, optimizer, loader, settings=dp, seed=seed) as (
+        private_model,
+        private_optimizer,
+        private_loader,
+    ):
+
+        def private_step(loss: torch.Tensor) -> None:
+            loss.backward()
+            if not private_optimizer.pre_step():  # clip, noise, scale into p.grad
+                return
+            if anchor:
+                with torch.no_grad():
+                    for p, a in zip(params, anchor, strict=True):
+                        p.grad.add_(p - a, alpha=proximal_mu)
+            private_optimizer.original_optimizer.step()
+
+        return _train_epochs(
+            private_model,
+            private_loader,
+            private_optimizer,
+            private_step,
+            cfg.local_epochs,
+            aux_weight,
+            device,
+        )
+
+
+def _train_epochs(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    step: Callable[[torch.Tensor], None],
+    epochs: int,
+    aux_weight: float,
+    device: torch.device,
+) -> TrainResult:
+    total_loss, total_n, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for face, voice, ids, attn, mask, label in loader:
+            face, voice, ids, attn, mask, label = (
+                t.to(device) for t in (face, voice, ids, attn, mask, label)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            fused, per_modality = model(face, voice, ids, attn, mask)  # (B, 7), (B, 3, 7)
+            loss = emotion_loss(fused, per_modality, mask, label, aux_weight)
+            step(loss)
             total_loss += float(loss.detach()) * len(label)
             total_n += len(label)
-            steps += 1
+            steps += 1  # under DP an empty Poisson batch is a step too (it was accounted)
     if not np.isfinite(total_loss):
         raise FloatingPointError("local training diverged (non-finite loss)")
     return TrainResult(total_loss / max(total_n, 1), total_n, steps)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -87,6 +88,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print(clean, flush=True)
 
     started = time.monotonic()
+    # A terminated CLI must still stop the SuperLink and Ray it started: turn SIGTERM into
+    # an exception so the runner's clean-up runs, as it does for Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         result = run_simulation(cfg, config_path=config_path, overrides=overrides, run_dir=run_dir, on_line=on_line)
     except SimulationError as err:
@@ -100,12 +104,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     summary = json.loads((run_dir / "summary.json").read_text())
     final = summary["final"]
     print(
-        f"final accuracy {final.get('accuracy', float('nan')):.3f}, macro-F1 "
-        f"{final.get('macro_f1', float('nan')):.3f} on the devices' test splits "
+        f"final accuracy {_num(final.get('accuracy'))}, macro-F1 "
+        f"{_num(final.get('macro_f1'))} on the devices' test splits "
         f"(chance {1 / 7:.3f}); wall time {time.monotonic() - started:.0f} s"
     )
+    privacy = summary.get("privacy") or {}
+    for level, scope in (("device", "per device, largest"), ("user", "federation")):
+        section = privacy.get(level) or {}
+        if section.get("enabled"):
+            print(
+                f"privacy, {level} level: epsilon {_num(section.get('epsilon'))} spent of "
+                f"{_num(section.get('budget_epsilon'), '.3g')} ({scope}), delta {privacy.get('delta'):g}"
+            )
+    if summary.get("status") != "complete":
+        print(f"stopped after {summary.get('rounds_completed')} of {summary.get('rounds')} rounds: {summary.get('stop_reason')}")
     print(f"run directory: {result.run_dir}")
+    if privacy.get("ledger"):
+        print(f"audit it with: emofed audit {result.run_dir}")
     return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _num(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:

@@ -18,12 +18,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from emofed.config import MESSAGE_CONFIG_KEY, EmofedConfig, load_config, to_json, to_yaml
 from models import build_model, get_state, shared_state_keys
+from privacy.ledger_store import LedgerStore
+from server.dp import PrivacyBudgetStop, UserLevelDP
 from server.report import PROGRESS_PREFIX, plot_curves
 from server.rundir import PLOT_FILE, RunDirectory
 from server.strategy import RoundLog, build_strategy
 
 logger = logging.getLogger(__name__)
 
+LEDGER_DIR = "ledger"
+STOPPED_STATUS = "stopped-privacy-budget"
 APP_DIR = Path(__file__).resolve().parents[1]
 _LOGGERS = ("emofed", "server", "client", "models", "privacy", "simulations")
 
@@ -63,6 +67,27 @@ def resolve_run_config(run_config: dict[str, Any]) -> tuple[EmofedConfig, Path]:
     return cfg, path.resolve()
 
 
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def privacy_progress(cfg: EmofedConfig, row: dict[str, Any]) -> str:
+    """The privacy part of a round's progress line, e.g. ``ε device ≤ 1.23/3 user 0.91/3``.
+
+    Device ε is the largest cumulative ε among the devices aggregated this round, so
+    every device is at or below it; empty when no DP level is on.
+    """
+    parts = []
+    if cfg.privacy.device.enabled:
+        parts.append(f"device ≤ {_fmt(row['epsilon_device_max'], '.2f')}/{cfg.privacy.device.epsilon:g}")
+    if cfg.privacy.user.enabled:
+        parts.append(f"user {_fmt(row['epsilon_user'], '.2f')}/{cfg.privacy.user.epsilon:g}")
+    text = f"  ε {' '.join(parts)}" if parts else ""
+    if row["declined_devices"]:
+        text += f"  declined {row['declined_devices']}"
+    return text
+
+
 class RoundReporter:
     """Turns each round's screen log into a metrics row, a progress line and files."""
 
@@ -98,6 +123,12 @@ class RoundReporter:
             "eval_examples": ev.get("num-examples"),
             "eval_devices": log.eval_ok,
             "eval_sampled": log.eval_sent,
+            "epsilon_user": log.user_epsilon,
+            "epsilon_device_max": train.get("dp-epsilon-max"),
+            "epsilon_device_mean": train.get("dp-epsilon-mean"),
+            "clipping_norm": log.clipping_norm,
+            "declined_devices": len(log.declined),
+            "declined": log.declined,
             "failed_devices": len(log.failures),
             "failures": log.failures,
             "confusion": ev.get("confusion"),
@@ -106,29 +137,62 @@ class RoundReporter:
         }
         self.last = now
         self.run_dir.append_round(row)
-
-        def fmt(value: Any, spec: str = ".3f") -> str:
-            return "-" if value is None else format(value, spec)
-
         logger.info(
             "round %d/%d  train loss %s  eval loss %s  accuracy %s  macro-F1 %s  "
-            "devices trained %d/%d evaluated %d/%d%s  (%.1f s)",
+            "devices trained %d/%d evaluated %d/%d%s%s  (%.1f s)",
             server_round,
             self.cfg.rounds,
-            fmt(row["train_loss"]),
-            fmt(row["eval_loss"]),
-            fmt(row["accuracy"]),
-            fmt(row["macro_f1"]),
+            _fmt(row["train_loss"]),
+            _fmt(row["eval_loss"]),
+            _fmt(row["accuracy"]),
+            _fmt(row["macro_f1"]),
             log.train_ok,
             log.train_sent,
             log.eval_ok,
             log.eval_sent,
             f"  failed {len(log.failures)}" if log.failures else "",
+            privacy_progress(self.cfg, row),
             row["seconds"],
         )
+        for declined in log.declined:
+            logger.info("  declined: %s", declined)
         for failure in log.failures:
             logger.info("  skipped: %s", failure)
         return None
+
+
+def privacy_summary(
+    cfg: EmofedConfig, rows: list[dict[str, Any]], user_dp: UserLevelDP | None, ledger_dir: Path | None
+) -> dict[str, Any]:
+    """The ``privacy`` section of ``summary.json``: settings and the ε spent per level."""
+    p = cfg.privacy
+    device_epsilons = [r["epsilon_device_max"] for r in rows if r.get("epsilon_device_max") is not None]
+    return {
+        "preset": p.preset,
+        "delta": p.delta,
+        "accountant": p.accountant,
+        "secure_mode": p.secure_mode,
+        "device": {
+            "enabled": p.device.enabled,
+            "budget_epsilon": p.device.epsilon if p.device.enabled else None,
+            # None: calibrated on each device to spend its budget over the planned rounds
+            "noise_multiplier": p.device.noise_multiplier if p.device.enabled else None,
+            "max_grad_norm": p.device.max_grad_norm if p.device.enabled else None,
+            # the largest cumulative ε any aggregated device reported
+            "epsilon": max(device_epsilons) if device_epsilons else None,
+        },
+        "user": {
+            "enabled": user_dp is not None,
+            "budget_epsilon": user_dp.budget_epsilon if user_dp else None,
+            "noise_multiplier": user_dp.noise_multiplier if user_dp else None,
+            "clipping": p.user.clipping if user_dp else None,
+            "clipping_norm": user_dp.clipping_norm if user_dp else None,
+            "releases": user_dp.release_count if user_dp else None,
+            "epsilon": user_dp.epsilon if user_dp else None,
+        },
+        "ledger": str(ledger_dir) if ledger_dir is not None else None,
+        "server_key_fingerprint": user_dp.key_fingerprint if user_dp else None,
+    }
 
 
 @app.main()
@@ -164,38 +228,64 @@ def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
     if connected != cfg.devices:
         logger.warning("%d devices connected, configuration says devices=%d", connected, cfg.devices)
 
-    strategy = build_strategy(cfg)
+    dp_on = cfg.privacy.device.enabled or cfg.privacy.user.enabled
+    ledger = LedgerStore(run_dir.path / LEDGER_DIR) if dp_on else None
+    if ledger is not None:
+        ledger.root.mkdir(parents=True, exist_ok=True)
+    user_dp = UserLevelDP.from_config(cfg, ledger) if ledger is not None and cfg.privacy.user.enabled else None
+    strategy = build_strategy(cfg, ledger=ledger, user_dp=user_dp)
     reporter = RoundReporter(cfg, run_dir, strategy.round_logs)  # type: ignore[attr-defined]
     payload = to_json(cfg)  # devices rebuild and re-validate the same config
     started = time.monotonic()
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.rounds,
-        timeout=cfg.strategy.round_timeout_s,
-        train_config=ConfigRecord({MESSAGE_CONFIG_KEY: payload}),
-        evaluate_config=ConfigRecord({MESSAGE_CONFIG_KEY: payload}),
-        evaluate_fn=reporter,
-    )
+    stop_reason: str | None = None
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.rounds,
+            timeout=cfg.strategy.round_timeout_s,
+            train_config=ConfigRecord({MESSAGE_CONFIG_KEY: payload}),
+            evaluate_config=ConfigRecord({MESSAGE_CONFIG_KEY: payload}),
+            evaluate_fn=reporter,
+        )
+        final = result.arrays if len(result.arrays) else initial
+    except PrivacyBudgetStop as stop:
+        # Raised before the round's messages went out: the last release stands.
+        stop_reason = str(stop)
+        final = reporter.final_arrays if reporter.final_arrays is not None else initial
+        logger.warning(
+            "Run stopped by the privacy budget after %d of %d rounds: %s",
+            len(run_dir.rows), cfg.rounds, stop_reason,
+        )
     wall = time.monotonic() - started
-    final = result.arrays if len(result.arrays) else initial
     arrays = {k: a.numpy() for k, a in final.items()}
     run_dir.save_model(
         arrays,
         {"format": "emofed-shared-weights/1", "config": to_json(cfg), "keys": ",".join(keys)},
     )
     rows = run_dir.rows
-    plot_curves(rows, run_dir.path / PLOT_FILE, title=f"emofed: {cfg.devices} devices, {cfg.strategy.name}")
+    budgets: dict[str, float] = {}
+    if cfg.privacy.device.enabled:
+        budgets["device"] = cfg.privacy.device.epsilon
+    if cfg.privacy.user.enabled:
+        budgets["user"] = cfg.privacy.user.epsilon
+    plot_curves(
+        rows, run_dir.path / PLOT_FILE, title=f"emofed: {cfg.devices} devices, {cfg.strategy.name}", budgets=budgets
+    )
     last = rows[-1] if rows else {}
     summary = {
-        "status": "complete",
+        "status": "complete" if stop_reason is None else STOPPED_STATUS,
+        "stop_reason": stop_reason,
         "rounds": cfg.rounds,
+        "rounds_completed": len(rows),
         "devices": cfg.devices,
         "strategy": cfg.strategy.name,
         "final": {k: last.get(k) for k in ("accuracy", "macro_f1", "eval_loss", "train_loss", "acc_face", "acc_voice", "acc_text")},
         "failed_device_replies": sum(r.get("failed_devices", 0) for r in rows),
+        "declined_device_replies": sum(r.get("declined_devices", 0) for r in rows),
+        "privacy": privacy_summary(cfg, rows, user_dp, run_dir.final_path / LEDGER_DIR if ledger is not None else None),
         "training_seconds": round(wall, 2),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     path = run_dir.finalize(summary)
-    logger.info("Run complete: %s", path)
+    logger.info("Run %s: %s", "complete" if stop_reason is None else "stopped (privacy budget)", path)

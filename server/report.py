@@ -21,9 +21,19 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("acc_voice", "voice acc", "{:>9.3f}"),
     ("acc_text", "text acc", "{:>8.3f}"),
     ("train_devices", "trained", "{:>7d}"),
+    ("declined_devices", "declined", "{:>8d}"),
     ("failed_devices", "failed", "{:>6d}"),
+    ("epsilon_device_max", "ε device", "{:>8.3f}"),  # the largest of the round
+    ("epsilon_user", "ε user", "{:>6.3f}"),
     ("seconds", "seconds", "{:>7.1f}"),
 )
+# Privacy columns, shown only when some row has a value: a run without DP keeps the
+# plain table. Devices decline only under device-level DP, so "declined" goes with it.
+OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
+    "declined_devices": ("epsilon_device_max", "declined_devices"),
+    "epsilon_device_max": ("epsilon_device_max",),
+    "epsilon_user": ("epsilon_user",),
+}
 
 
 def _cell(value: Any, fmt: str, width: int) -> str:
@@ -35,34 +45,65 @@ def _cell(value: Any, fmt: str, width: int) -> str:
         return str(value).rjust(width)
 
 
+def _columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    def shown(key: str) -> bool:
+        if key not in OPTIONAL_COLUMNS:
+            return True
+        return any(row.get(k) not in (None, 0) for row in rows for k in OPTIONAL_COLUMNS[key])
+
+    return [column for column in TABLE_COLUMNS if shown(column[0])]
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Fixed-width table of per-round metrics (missing values shown as '-')."""
-    headers = [h for _, h, _ in TABLE_COLUMNS]
-    widths = [max(len(h), len(fmt.format(0) if "d" in fmt else fmt.format(0.0))) for _, h, fmt in TABLE_COLUMNS]
+    """Fixed-width table of per-round metrics (missing values shown as '-').
+
+    Privacy columns (device ε, user ε, declined devices) appear when a row has them.
+    """
+    columns = _columns(rows)
+    headers = [h for _, h, _ in columns]
+    widths = [max(len(h), len(fmt.format(0) if "d" in fmt else fmt.format(0.0))) for _, h, fmt in columns]
     lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     for row in rows:
-        cells = [
-            _cell(row.get(key), fmt, w)
-            for (key, _, fmt), w in zip(TABLE_COLUMNS, widths, strict=True)
-        ]
+        cells = [_cell(row.get(key), fmt, w) for (key, _, fmt), w in zip(columns, widths, strict=True)]
         lines.append("  ".join(cells))
     return "\n".join(lines)
 
 
-def plot_curves(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str = "") -> Path:
-    """Plot loss and accuracy per round into a PNG (headless)."""
+# Series of the privacy panel: budget name -> (metrics key, label).
+PRIVACY_SERIES: dict[str, tuple[str, str]] = {
+    "device": ("epsilon_device_max", "device ε (largest)"),
+    "user": ("epsilon_user", "user-level ε (federation)"),
+}
+
+
+def curves_figure(
+    rows: Sequence[Mapping[str, Any]], *, title: str = "", budgets: Mapping[str, float] | None = None
+) -> Any:
+    """The matplotlib Figure of :func:`plot_curves` (headless backend).
+
+    Raises
+    ------
+    ValueError
+        If a budget names a level other than ``device`` or ``user``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    budgets = dict(budgets or {})
+    unknown = sorted(set(budgets) - set(PRIVACY_SERIES))
+    if unknown:
+        raise ValueError(f"unknown privacy level(s) {unknown}; known: {', '.join(PRIVACY_SERIES)}")
     rounds = [r["round"] for r in rows]
 
     def series(key: str) -> list[float]:
         return [float("nan") if r.get(key) is None else float(r[key]) for r in rows]
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    panels = 3 if budgets else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), constrained_layout=True)
+    ax_loss, ax_acc = axes[0], axes[1]
     ax_loss.plot(rounds, series("train_loss"), marker="o", label="train (devices)")
     ax_loss.plot(rounds, series("eval_loss"), marker="s", label="test (devices)")
     ax_loss.set_xlabel("round")
@@ -80,10 +121,39 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str = "
     ax_acc.set_xlabel("round")
     ax_acc.set_title("federated evaluation on devices' test splits")
     ax_acc.legend(fontsize=8)
+    if budgets:
+        ax_eps = axes[2]
+        for level, budget in budgets.items():
+            key, label = PRIVACY_SERIES[level]
+            (line,) = ax_eps.plot(rounds, series(key), marker="o", label=label)
+            ax_eps.axhline(budget, color=line.get_color(), linestyle="--", label=f"{level} budget ε={budget:g}")
+        ax_eps.set_ylim(bottom=0)
+        ax_eps.set_xlabel("round")
+        ax_eps.set_ylabel("cumulative ε")
+        ax_eps.set_title("privacy spent")
+        ax_eps.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    for ax in (ax_loss, ax_acc):
+    for ax in axes:
         ax.set_xticks(rounds)
+    return fig
+
+
+def plot_curves(
+    rows: Sequence[Mapping[str, Any]],
+    path: Path,
+    *,
+    title: str = "",
+    budgets: Mapping[str, float] | None = None,
+) -> Path:
+    """Plot loss and accuracy per round into a PNG (headless).
+
+    With ``budgets`` (ε budget per enabled DP level, ``device`` and/or ``user``) a third
+    panel shows the cumulative ε per round, budgets as dashed lines.
+    """
+    fig = curves_figure(rows, title=title, budgets=budgets)
+    import matplotlib.pyplot as plt  # after curves_figure has chosen the headless backend
+
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -2,7 +2,21 @@
 
 Flower's strategies validate replies by raising, so one malformed update from one device
 would end the whole run. The screen below drops such replies first, with a one-line
-reason per device, and the round goes on with the rest.
+reason per device, and the round goes on with the rest. A device that declines because
+its privacy budget cannot pay for the round (``ERROR_BUDGET_EXHAUSTED``) is counted as
+declined, not failed.
+
+Privacy (``emofed.protocol`` is the contract with devices):
+
+* device-level DP: every training reply must carry the device's signed ledger chain
+  (``privacy.guard.LEDGER_RECORD``); the screen verifies it and stores it under
+  ``<run>/ledger/devices/`` before anything else, so the entries are kept even when the
+  update itself is then dropped (the device spent its budget either way). A chain that
+  fails verification drops the reply.
+* user-level DP: the same screened strategy sends the clipping norm, and its aggregation
+  is ``server.dp.UserLevelDP`` (clip, sum, divide by the devices sampled, add noise,
+  account, sign) followed by the base strategy's server update. Flower's DP wrappers
+  cannot wrap this strategy usefully; ``server.dp`` says why.
 """
 
 from __future__ import annotations
@@ -14,26 +28,40 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from emofed.config import EmofedConfig
+from emofed.protocol import (
+    CLIPPING_NORM_KEY,
+    ERROR_BUDGET_EXHAUSTED,
+    EVAL_METRICS,
+    train_metric_keys,
+)
 from models import MODALITIES, NUM_CLASSES
+from privacy.errors import LedgerTampered
+from privacy.guard import LEDGER_RECORD, read_ledger_record
+from privacy.ledger_format import parse_line
+from privacy.ledger_store import LedgerStore
+from server.dp import UserLevelDP
 
 logger = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
-
-# Exactly these metrics are accepted from devices; Flower's aggregation also demands
-# the same keys from every reply.
-TRAIN_METRIC_KEYS = frozenset({WEIGHT_KEY, "train-loss", "steps"})
-EVAL_METRIC_KEYS = frozenset(
-    {WEIGHT_KEY, "loss", "accuracy", "confusion"}
-    | {f"{m}-{kind}" for m in MODALITIES for kind in ("correct", "total")}
-)
+DEVICE_EPSILON_KEY = "dp-epsilon"
+UPDATE_CLIPPED_KEY = "update-clipped"
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -51,8 +79,11 @@ class RoundLog:
     eval_sent: int = 0
     eval_ok: int = 0
     failures: list[str] = field(default_factory=list)
+    declined: list[str] = field(default_factory=list)  # devices whose budget is spent
     train_metrics: dict[str, Any] = field(default_factory=dict)
     eval_metrics: dict[str, Any] = field(default_factory=dict)
+    user_epsilon: float | None = None  # federation's cumulative ε after this round
+    clipping_norm: float | None = None  # C of this round's user-level release
 
 
 def _finite_number(value: Any) -> bool:
@@ -60,15 +91,30 @@ def _finite_number(value: Any) -> bool:
 
 
 def screen_train_reply(
-    content: RecordDict, expected: Mapping[str, tuple[tuple[int, ...], str]]
+    content: RecordDict,
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+    *,
+    device_dp: bool = False,
+    user_dp: bool = False,
 ) -> str | None:
-    """Why a training reply cannot be aggregated, or None if it can."""
+    """Why a training reply cannot be aggregated, or None if it can.
+
+    ``device_dp`` / ``user_dp`` are the run's privacy levels: they set the exact metric
+    keys (``emofed.protocol.train_metric_keys``), and device-level DP requires the
+    device's ledger record (checked for presence here; the strategy verifies and stores it).
+    """
     arrays = content.array_records
     metrics = content.metric_records
     if list(arrays) != [ARRAYS_KEY]:
         return f"expected one ArrayRecord '{ARRAYS_KEY}', found {sorted(arrays)}"
     if list(metrics) != [METRICS_KEY]:
         return f"expected one MetricRecord '{METRICS_KEY}', found {sorted(metrics)}"
+    configs = sorted(content.config_records)
+    allowed = [LEDGER_RECORD] if device_dp else []
+    if configs != allowed:
+        if device_dp and LEDGER_RECORD not in configs:
+            return f"the device's ledger record '{LEDGER_RECORD}' is missing (device-level DP is on)"
+        return f"unexpected ConfigRecord(s) {[c for c in configs if c not in allowed]}"
     record = arrays[ARRAYS_KEY]
     missing = sorted(set(expected) - set(record))
     extra = sorted(set(record) - set(expected))
@@ -83,7 +129,22 @@ def screen_train_reply(
             )
         if not np.all(np.isfinite(array.numpy())):
             return f"array '{key}' holds NaN or infinity"
-    return _screen_metrics(metrics[METRICS_KEY], TRAIN_METRIC_KEYS)
+    reason = _screen_metrics(metrics[METRICS_KEY], train_metric_keys(device_dp, user_dp))
+    return reason or _screen_privacy_metrics(metrics[METRICS_KEY])
+
+
+def _screen_privacy_metrics(metrics: MetricRecord) -> str | None:
+    # Values the server aggregates or counts: out of range would skew ε reports or the
+    # adaptive clipping count, whose sensitivity assumes a 0/1 bit per device.
+    if UPDATE_CLIPPED_KEY in metrics and metrics[UPDATE_CLIPPED_KEY] not in (0, 1):
+        return f"'{UPDATE_CLIPPED_KEY}' must be 0 or 1, found {metrics[UPDATE_CLIPPED_KEY]!r}"
+    if DEVICE_EPSILON_KEY in metrics and metrics[DEVICE_EPSILON_KEY] < 0:
+        return f"'{DEVICE_EPSILON_KEY}' must be non-negative, found {metrics[DEVICE_EPSILON_KEY]!r}"
+    if "dp-noise-multiplier" in metrics and metrics["dp-noise-multiplier"] <= 0:
+        return f"'dp-noise-multiplier' must be positive, found {metrics['dp-noise-multiplier']!r}"
+    if "dp-sample-rate" in metrics and not 0 < metrics["dp-sample-rate"] <= 1:
+        return f"'dp-sample-rate' must be in (0, 1], found {metrics['dp-sample-rate']!r}"
+    return None
 
 
 def screen_eval_reply(content: RecordDict) -> str | None:
@@ -93,7 +154,7 @@ def screen_eval_reply(content: RecordDict) -> str | None:
     if list(content.metric_records) != [METRICS_KEY]:
         return f"expected one MetricRecord '{METRICS_KEY}', found {sorted(content.metric_records)}"
     metrics = content.metric_records[METRICS_KEY]
-    reason = _screen_metrics(metrics, EVAL_METRIC_KEYS)
+    reason = _screen_metrics(metrics, EVAL_METRICS)
     if reason:
         return reason
     confusion = metrics.get("confusion")
@@ -126,16 +187,23 @@ def _screen_metrics(metrics: MetricRecord, allowed: frozenset[str]) -> str | Non
 
 
 def aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean of training loss, and total examples and devices."""
+    """Example-weighted mean of training loss, total examples and devices.
+
+    Under device-level DP also the largest and the mean cumulative ε of the devices
+    aggregated (``dp-epsilon-max``, ``dp-epsilon-mean``).
+    """
     total = sum(int(c[METRICS_KEY][weight_key]) for c in contents)
     loss = sum(float(c[METRICS_KEY]["train-loss"]) * int(c[METRICS_KEY][weight_key]) for c in contents)
-    return MetricRecord(
-        {
-            weight_key: total,
-            "train-loss": loss / total if total else float("nan"),
-            "devices": len(contents),
-        }
-    )
+    out: dict[str, Any] = {
+        weight_key: total,
+        "train-loss": loss / total if total else float("nan"),
+        "devices": len(contents),
+    }
+    if contents and all(DEVICE_EPSILON_KEY in c[METRICS_KEY] for c in contents):
+        epsilons = [float(c[METRICS_KEY][DEVICE_EPSILON_KEY]) for c in contents]
+        out["dp-epsilon-max"] = max(epsilons)
+        out["dp-epsilon-mean"] = sum(epsilons) / len(epsilons)
+    return MetricRecord(out)
 
 
 def confusion_scores(confusion: np.ndarray) -> tuple[float, float]:
@@ -199,11 +267,27 @@ def _cast_to_spec(arrays: ArrayRecord, spec: Mapping[str, tuple[tuple[int, ...],
     )
 
 
+def _no_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    # The server-optimiser instance only moves weights; metrics come from real replies.
+    return MetricRecord()
+
+
 class ScreenedStrategy:
-    """Mixin placed before a Flower strategy: screens replies and logs each round."""
+    """Mixin placed before a Flower strategy: screens replies and logs each round.
+
+    With user-level DP it also commits each round's release before its messages go out
+    (which raises ``server.dp.PrivacyBudgetStop`` when the budget cannot pay for it) and
+    replaces the base aggregation with the private one.
+    """
 
     round_logs: dict[int, RoundLog]
     _expected: dict[str, tuple[tuple[int, ...], str]]
+    device_dp: bool
+    user_dp: UserLevelDP | None
+    ledger: LedgerStore | None
+    _server_optimizer: Strategy | None
+    _current: dict[str, np.ndarray]
+    _node_scopes: dict[int, str]
 
     def _log(self, server_round: int) -> RoundLog:
         return self.round_logs.setdefault(server_round, RoundLog())
@@ -215,7 +299,13 @@ class ScreenedStrategy:
             # The first global model fixes the protocol: every later round sends and
             # accepts exactly these keys, shapes and dtypes.
             self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        if self.user_dp is not None:
+            config[CLIPPING_NORM_KEY] = self.user_dp.clipping_norm
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        if self.user_dp is not None and messages:
+            # Messages are built but not sent yet: past the budget, nothing goes out.
+            self.user_dp.begin_round(server_round, sampled=len(messages))
+            self._current = {k: a.numpy() for k, a in arrays.items()}
         self._log(server_round).train_sent = len(messages)
         return messages
 
@@ -227,7 +317,7 @@ class ScreenedStrategy:
         return messages
 
     def _screen(
-        self, server_round: int, replies: Iterable[Message], check: Callable[[RecordDict], str | None], stage: str
+        self, server_round: int, replies: Iterable[Message], check: Callable[[Message], str | None], stage: str
     ) -> list[Message]:
         kept: list[Message] = []
         log = self._log(server_round)
@@ -236,8 +326,12 @@ class ScreenedStrategy:
             if reply.has_error():
                 reason = (reply.error.reason or f"error code {reply.error.code}").strip()
                 reason = reason.splitlines()[-1] if reason else reason
+                if reply.error.code == ERROR_BUDGET_EXHAUSTED:
+                    log.declined.append(f"{stage} node {node}: {reason}")
+                    logger.info("Round %d: node %d declined (privacy budget): %s", server_round, node, reason)
+                    continue
             else:
-                reason = check(reply.content)
+                reason = check(reply)
             if reason is None:
                 kept.append(reply)
                 continue
@@ -245,14 +339,44 @@ class ScreenedStrategy:
             logger.warning("Round %d: %s reply of node %d dropped: %s", server_round, stage, node, reason)
         return kept
 
+    def _check_train(self, reply: Message) -> str | None:
+        if self.device_dp and LEDGER_RECORD in reply.content.config_records:
+            reason = self._store_ledger(reply.metadata.src_node_id, reply.content.config_records[LEDGER_RECORD])
+            if reason is not None:
+                return reason
+        return screen_train_reply(
+            reply.content, self._expected, device_dp=self.device_dp, user_dp=self.user_dp is not None
+        )
+
+    def _store_ledger(self, node: int, record: ConfigRecord) -> str | None:
+        """Verify and keep a device's ledger entries; the reason if they are refused."""
+        if self.ledger is None:  # build_strategy requires one with device-level DP
+            raise RuntimeError("device-level DP without a ledger directory")
+        try:
+            lines, seal, key = read_ledger_record(record)
+            if not lines:
+                raise ValueError("it holds no entries")
+            scopes = {parse_line(line.rstrip("\n")).get("scope") for line in lines}
+            if len(scopes) != 1:
+                raise ValueError(f"entries of several scopes {sorted(map(str, scopes))}")
+            scope = str(scopes.pop())
+            known = self._node_scopes.get(node)
+            if known is not None and known != scope:
+                raise ValueError(f"scope {scope!r}, but this node sent {known!r} before")
+            self.ledger.receive(scope, lines, seal, public_key=key)
+        except (LedgerTampered, ValueError) as err:
+            return f"ledger record rejected: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        self._node_scopes[node] = scope
+        return None
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept = self._screen(
-            server_round, replies, lambda c: screen_train_reply(c, self._expected), "train"
-        )
+        kept = self._screen(server_round, replies, self._check_train, "train")
         log = self._log(server_round)
         log.train_ok = len(kept)
+        if self.user_dp is not None:
+            return self._aggregate_private(server_round, kept)
         if not kept:
             logger.warning("Round %d: no usable training reply; the global model is unchanged", server_round)
             return None, None
@@ -263,8 +387,58 @@ class ScreenedStrategy:
             log.train_metrics = dict(metrics)
         return arrays, metrics
 
+    def _aggregate_private(
+        self, server_round: int, kept: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.user_dp is None:
+            raise RuntimeError("private aggregation without user-level DP")
+        log = self._log(server_round)
+        if log.train_sent == 0:  # nothing was sampled, so nothing is released
+            return None, None
+        if not kept:
+            logger.warning("Round %d: no usable training reply; releasing noise only", server_round)
+        contents = [reply.content for reply in kept]
+        release = self.user_dp.release(
+            server_round,
+            self._current,
+            [{k: a.numpy() for k, a in c[ARRAYS_KEY].items()} for c in contents],
+            [bool(c[METRICS_KEY][UPDATE_CLIPPED_KEY]) for c in contents],
+        )
+        log.user_epsilon = release.epsilon
+        log.clipping_norm = release.clipping_norm
+        model = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in release.arrays.items()})
+        arrays = _cast_to_spec(self._server_step(server_round, model), self._expected)
+        metrics = None
+        if contents:
+            metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)  # type: ignore[attr-defined]
+            log.train_metrics = dict(metrics)
+        return arrays, metrics
+
+    def _server_step(self, server_round: int, model: ArrayRecord) -> ArrayRecord:
+        """The base strategy's server update applied to the private aggregate.
+
+        The private model ``w + Δ̄`` goes to a plain instance of the base strategy as the
+        one reply of the round: FedAvg's mean of one reply is that reply, and FedAdam
+        takes it as the clients' average and applies its server optimiser. Both are
+        post-processing of the release, at no privacy cost.
+        """
+        optimizer = self._server_optimizer
+        if optimizer is None:  # build_strategy makes one with user-level DP
+            raise RuntimeError("no server optimiser for the private aggregate")
+        if isinstance(optimizer, FedOpt):
+            optimizer.current_arrays = dict(self._current)
+        reply = Message(
+            RecordDict({ARRAYS_KEY: model, METRICS_KEY: MetricRecord({WEIGHT_KEY: 1})}),
+            dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )
+        arrays, _ = optimizer.aggregate_train(server_round, [reply])
+        if arrays is None:  # pragma: no cover - Flower aggregates any non-empty reply list
+            raise RuntimeError("the server optimiser returned no model")
+        return arrays
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        kept = self._screen(server_round, replies, screen_eval_reply, "evaluate")
+        kept = self._screen(server_round, replies, lambda reply: screen_eval_reply(reply.content), "evaluate")
         log = self._log(server_round)
         log.eval_ok = len(kept)
         if not kept:
@@ -278,17 +452,40 @@ class ScreenedStrategy:
         return metrics
 
 
-def build_strategy(cfg: EmofedConfig) -> Strategy:
+def build_strategy(
+    cfg: EmofedConfig,
+    *,
+    ledger: LedgerStore | None = None,
+    user_dp: UserLevelDP | None = None,
+) -> Strategy:
     """Build the configured Flower strategy, wrapped in the reply screen.
+
+    Parameters
+    ----------
+    cfg : EmofedConfig
+        The run's configuration.
+    ledger : LedgerStore, optional
+        The run's ledger directory; required with device-level DP (devices' entries
+        are stored there).
+    user_dp : UserLevelDP, optional
+        The federation's user-level DP; required exactly when ``privacy.user.enabled``.
 
     Raises
     ------
     ValueError
-        If ``cfg.strategy.name`` is not a registered strategy.
+        If ``cfg.strategy.name`` is not a registered strategy, or the privacy objects
+        do not match the configuration.
     """
     name = cfg.strategy.name
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
+    if cfg.privacy.device.enabled and ledger is None:
+        raise ValueError("device-level DP needs a ledger directory to store the devices' entries")
+    if cfg.privacy.user.enabled != (user_dp is not None):
+        raise ValueError(
+            f"user_dp must be given exactly when privacy.user.enabled=true "
+            f"(enabled: {cfg.privacy.user.enabled}, given: {user_dp is not None})"
+        )
     base = STRATEGIES[name]
     s = cfg.strategy
     min_available = max(s.min_train_devices, s.min_evaluate_devices, 1)
@@ -312,4 +509,12 @@ def build_strategy(cfg: EmofedConfig) -> Strategy:
     strategy = cls(**kwargs)
     strategy.round_logs = {}
     strategy._expected = {}
+    strategy.device_dp = cfg.privacy.device.enabled
+    strategy.user_dp = user_dp
+    strategy.ledger = ledger
+    strategy._server_optimizer = (
+        base(**{**kwargs, "train_metrics_aggr_fn": _no_train_metrics}) if user_dp is not None else None
+    )
+    strategy._current = {}
+    strategy._node_scopes = {}
     return strategy

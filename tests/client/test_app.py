@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import ERROR_BAD_REQUEST, ERROR_UNUSABLE_DATA, evaluate, train
+from client.app import ERROR_BAD_REQUEST, ERROR_UNUSABLE_DATA, app, evaluate, train
 from emofed.config import load_config, to_json
-from models import build_model, get_state, shared_state_keys
-from server.strategy import screen_eval_reply, screen_train_reply
+from emofed.protocol import DEVICE_ROOT_KEY, EVAL_METRICS, train_metric_keys
+from models import NUM_CLASSES, build_model, get_state, shared_state_keys
+from privacy.guard import LEDGER_RECORD
 
 CFG = load_config(None, ["devices=3", "data.samples_per_device=12", "train.local_epochs=1"])
 
@@ -32,34 +36,67 @@ def _make_message(kind: str, arrays: ArrayRecord, config: str | None = None) -> 
     return Message(RecordDict({"arrays": arrays, "config": record}), dst_node_id=1, message_type=kind)
 
 
-def _make_context(partition: int) -> Context:
-    return Context(run_id=1, node_id=1, node_config={"partition-id": partition}, state=RecordDict(), run_config={})
+def _make_context(partition: int, root: Path) -> Context:
+    # Each test keeps the device stores (ledgers) in its own folder.
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": partition},
+        state=RecordDict(),
+        run_config={DEVICE_ROOT_KEY: str(root)},
+    )
 
 
-def test_train_and_evaluate_replies_pass_the_server_screen() -> None:
-    """A device's replies carry exactly the sent arrays (updated) and protocol metrics."""
-    arrays = _make_arrays()
-    reply = train(_make_message(MessageType.TRAIN, arrays), _make_context(0))
-    assert not reply.has_error()
-    expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
-    assert screen_train_reply(reply.content, expected) is None
-    before, after = arrays, reply.content["arrays"]
-    assert any(not np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
-    reply = evaluate(_make_message(MessageType.EVALUATE, arrays), _make_context(1))
-    assert not reply.has_error() and screen_eval_reply(reply.content) is None
+def _finite(value: object) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
-def test_unusable_device_declines_with_a_reason() -> None:
+@pytest.mark.parametrize("preset", ["balanced", "off"])
+def test_train_and_evaluate_replies_follow_the_protocol(tmp_path: Path, preset: str) -> None:
+    """Through the guard, a device replies with the sent arrays (updated) and the protocol's metrics."""
+    cfg = load_config(
+        None, ["devices=3", "data.samples_per_device=12", "train.local_epochs=1", f"privacy.preset={preset}"]
+    )
+    arrays, device_dp = _make_arrays(), preset != "off"
+    reply = app(_make_message(MessageType.TRAIN, arrays, to_json(cfg)), _make_context(0, tmp_path))
+    assert not reply.has_error(), reply.error
+    assert list(reply.content.array_records) == ["arrays"]
+    assert list(reply.content.metric_records) == ["metrics"]
+    sent = reply.content["arrays"]
+    assert {k: (tuple(a.shape), a.dtype) for k, a in sent.items()} == {
+        k: (tuple(a.shape), a.dtype) for k, a in arrays.items()
+    }
+    assert any(not np.array_equal(arrays[k].numpy(), sent[k].numpy()) for k in arrays)
+    metrics = reply.content["metrics"]
+    assert set(metrics) == train_metric_keys(device_dp, False)
+    assert all(_finite(v) for v in metrics.values()) and metrics["num-examples"] == 9
+    assert (LEDGER_RECORD in reply.content.config_records) is device_dp
+    if device_dp:
+        assert 0 < metrics["dp-epsilon"] <= cfg.privacy.device.epsilon
+
+    reply = app(_make_message(MessageType.EVALUATE, arrays, to_json(cfg)), _make_context(1, tmp_path))
+    assert not reply.has_error(), reply.error
+    assert not reply.content.array_records and not reply.content.config_records
+    metrics = reply.content["metrics"]
+    assert set(metrics) == EVAL_METRICS and all(_finite(v) for v in metrics.values())
+    confusion = metrics["confusion"]
+    assert len(confusion) == NUM_CLASSES * NUM_CLASSES and sum(confusion) == metrics["num-examples"]
+
+
+def test_unusable_device_declines_with_a_reason(tmp_path: Path) -> None:
     """A device with no data answers with an error reply, not an exception."""
-    reply = evaluate(_make_message(MessageType.EVALUATE, _make_arrays()), _make_context(7))
+    reply = evaluate(_make_message(MessageType.EVALUATE, _make_arrays()), _make_context(7, tmp_path))
     assert reply.has_error() and reply.error.code == ERROR_UNUSABLE_DATA
     assert "partition 7 has no device" in (reply.error.reason or "")
 
 
-def test_malformed_request_is_declined() -> None:
+def test_malformed_request_is_declined(tmp_path: Path) -> None:
     """A bad configuration or mismatched arrays from the coordinator are named."""
-    reply = train(_make_message(MessageType.TRAIN, _make_arrays(), config='{"rounds": -3}'), _make_context(0))
+    context = _make_context(0, tmp_path)
+    reply = train(_make_message(MessageType.TRAIN, _make_arrays(), config='{"rounds": -3}'), context)
     assert reply.has_error() and reply.error.code == ERROR_BAD_REQUEST and "rounds" in (reply.error.reason or "")
     wrong = ArrayRecord({"not.a.weight": Array(np.zeros(3, np.float32))})
-    reply = train(_make_message(MessageType.TRAIN, wrong), _make_context(0))
+    reply = train(_make_message(MessageType.TRAIN, wrong), context)
     assert reply.has_error() and reply.error.code == ERROR_BAD_REQUEST
+    assert not (tmp_path / "0").exists()  # declined before the device store was touched

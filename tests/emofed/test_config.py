@@ -93,3 +93,59 @@ def test_from_json_rejects_garbage() -> None:
         from_json("{not json")
     with pytest.raises(ConfigError, match="unknown key 'evil'"):
         from_json('{"evil": 1}')
+
+
+def test_default_runs_with_privacy_on() -> None:
+    """The default simulation trains with device-level DP at the balanced preset."""
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    assert cfg.privacy.preset == "balanced"
+    assert cfg.privacy.device.enabled and cfg.privacy.device.epsilon == 3.0
+    assert cfg.privacy.delta < 1 / (10 * cfg.data.samples_per_device)
+
+
+@pytest.mark.parametrize(
+    ("preset", "device", "epsilon"),
+    [("off", False, None), ("research", True, 8.0), ("balanced", True, 3.0), ("strict", True, 1.0)],
+)
+def test_each_preset_is_one_override(preset: str, device: bool, epsilon: float | None) -> None:
+    """`privacy.preset=NAME` alone selects a preset (a bare `off` is not read as false)."""
+    cfg = load_config(ROOT / "configs" / "default.yaml", [f"privacy.preset={preset}"])
+    assert cfg.privacy.preset == preset and cfg.privacy.device.enabled is device
+    assert not cfg.privacy.user.enabled
+    if epsilon is not None:
+        assert cfg.privacy.device.epsilon == cfg.privacy.user.epsilon == epsilon
+        assert cfg.privacy.delta <= 1e-5
+
+
+def test_explicit_keys_win_over_the_preset(tmp_path: Path) -> None:
+    """A preset only gives defaults: keys in the file or on the command line win."""
+    path = tmp_path / "run.yaml"
+    path.write_text("privacy:\n  preset: strict\n  device:\n    epsilon: 2.0\n")
+    cfg = load_config(path, ["privacy.user.enabled=true"])
+    assert (cfg.privacy.device.epsilon, cfg.privacy.user.epsilon) == (2.0, 1.0)
+    assert cfg.privacy.user.enabled and cfg.privacy.delta == 1e-6
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["privacy.preset=loose"], "'privacy.preset' must be one of balanced, off, research, strict"),
+        (["privacy.accountant=moments"], "'privacy.accountant' must be one of"),
+        (["privacy.device.epsilon=0"], "'privacy.device.epsilon' must be in"),
+        (["privacy.user.clipping=median"], "'privacy.user.clipping' must be one of fixed, adaptive"),
+        (["privacy.device.budget=3"], "unknown key 'privacy.device.budget'"),
+        (["privacy.user.enabled=true", "privacy.delta=0.01"], "well below 1/devices"),
+    ],
+)
+def test_bad_privacy_settings_are_named(overrides: list[str], fragment: str) -> None:
+    """Every wrong privacy setting stops with one line naming the key."""
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(None, overrides)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_privacy_presets_round_trip_through_json() -> None:
+    """Devices rebuild exactly the resolved privacy settings; the preset is not re-applied."""
+    cfg = load_config(None, ["privacy.preset=research", "privacy.device.epsilon=5"])
+    again = from_json(to_json(cfg))
+    assert again == cfg and again.privacy.device.epsilon == 5.0

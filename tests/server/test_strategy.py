@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.supercore.task_identity import TaskIdentity
 
 from emofed.config import load_config
+from emofed.protocol import ERROR_BUDGET_EXHAUSTED, ERROR_TRAINING_FAILED
+from privacy.accounting import PrivacyEvent
+from privacy.budget import BudgetedAccountant, PrivacyBudget
+from privacy.guard import LEDGER_RECORD, ledger_record
+from privacy.keys import generate_private_key
+from privacy.ledger import Ledger
+from privacy.ledger_store import LedgerStore
 from server.strategy import (
     aggregate_eval_metrics,
     aggregate_train_metrics,
@@ -18,6 +38,13 @@ from server.strategy import (
 )
 
 EXPECTED = {"w": ((2, 3), "float32"), "b": ((3,), "float32")}
+DP_METRICS = {"dp-epsilon": 0.5, "dp-noise-multiplier": 1.1, "dp-sample-rate": 0.25}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    # Messages are stamped with the running task's identity; outside Flower, set one.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
 def _make_train_reply(**arrays: np.ndarray) -> RecordDict:
@@ -132,9 +159,9 @@ def test_train_aggregation_is_example_weighted() -> None:
 
 
 @pytest.mark.parametrize(("name", "base"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)])
-def test_build_strategy_by_name(name: str, base: type) -> None:
+def test_build_strategy_by_name(name: str, base: type, tmp_path: Path) -> None:
     """Each registered strategy is built and screened."""
-    strategy = build_strategy(load_config(None, [f"strategy.name={name}"]))
+    strategy = build_strategy(load_config(None, [f"strategy.name={name}"]), ledger=LedgerStore(tmp_path))
     assert isinstance(strategy, base)
     assert strategy.fraction_train == 1.0
     if name == "fedprox":
@@ -165,3 +192,179 @@ def test_aggregates_keep_the_model_dtypes() -> None:
     cast = _cast_to_spec(record, EXPECTED)
     assert {k: a.dtype for k, a in cast.items()} == {"w": "float32", "b": "float32"}
     assert screen_train_reply(_make_train_reply(**{k: a.numpy() for k, a in cast.items()}), EXPECTED) is None
+
+
+# -- privacy: the screen, device ledgers, declined devices ------------------------------
+
+
+class _FakeGrid:
+    def __init__(self, nodes: int) -> None:
+        self.nodes = list(range(1, nodes + 1))
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+
+def _make_device_ledger(root: Path, device: str, rounds: int) -> tuple[Ledger, object]:
+    """A device's own signed chain with one DP-SGD release per round."""
+    key = generate_private_key()
+    ledger = Ledger(root / f"{device}.jsonl", scope=f"device:{device}")
+    accountant = BudgetedAccountant(PrivacyBudget(epsilon=3.0, delta=1e-5))
+    event = PrivacyEvent(noise_multiplier=2.0, sample_rate=0.1, steps=5)
+    for server_round in range(1, rounds + 1):
+        ledger.append(
+            server_round=server_round, event=event, clipping_norm=1.0, delta=1e-5,
+            epsilon=accountant.spend(event), accountant="opacus_rdp", budget_epsilon=3.0, private_key=key,
+        )
+    return ledger, key
+
+
+def _make_dp_reply(ledger: Ledger | None, key: object, **metrics: float) -> RecordDict:
+    reply = _make_train_reply()
+    for name, value in {**DP_METRICS, **metrics}.items():
+        reply["metrics"][name] = value
+    if ledger is not None:
+        reply[LEDGER_RECORD] = ledger_record(ledger, public_key=key)
+    return reply
+
+
+def _make_strategy(tmp_path: Path, *overrides: str):
+    cfg = load_config(None, ["devices=3", *overrides])
+    strategy = build_strategy(cfg, ledger=LedgerStore(tmp_path / "run-ledger"))
+    arrays = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "b": Array(np.zeros(3, np.float32))})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), _FakeGrid(3)))
+    return strategy, messages
+
+
+def _reply(sent: Message, content: RecordDict | Error) -> Message:
+    return Message(content, reply_to=sent)
+
+
+def test_screen_requires_the_ledger_record_under_device_dp(tmp_path: Path) -> None:
+    """With device DP the DP metrics and the ledger record are required; other ConfigRecords are not allowed."""
+    ledger, key = _make_device_ledger(tmp_path, "0", 1)
+    reply = _make_dp_reply(ledger, key)
+    assert screen_train_reply(reply, EXPECTED, device_dp=True) is None
+    assert "unexpected ConfigRecord" in (screen_train_reply(reply, EXPECTED) or "")  # device DP off
+    missing = _make_dp_reply(None, key)
+    assert "ledger record 'privacy.ledger' is missing" in (screen_train_reply(missing, EXPECTED, device_dp=True) or "")
+    plain = _make_train_reply()
+    plain[LEDGER_RECORD] = ledger_record(ledger, public_key=key)
+    assert "missing ['dp-epsilon'" in (screen_train_reply(plain, EXPECTED, device_dp=True) or "")
+    smuggled = _make_dp_reply(ledger, key)
+    smuggled["notes"] = ConfigRecord({"text": "I feel sad today"})
+    assert "unexpected ConfigRecord(s) ['notes']" in (screen_train_reply(smuggled, EXPECTED, device_dp=True) or "")
+
+
+@pytest.mark.parametrize(
+    ("metric", "value", "fragment"),
+    [
+        ("update-clipped", 2, "must be 0 or 1"),
+        ("update-clipped", 0.5, "must be 0 or 1"),
+        ("dp-epsilon", -0.1, "non-negative"),
+        ("dp-noise-multiplier", 0.0, "positive"),
+        ("dp-sample-rate", 1.5, "(0, 1]"),
+    ],
+)
+def test_privacy_metrics_out_of_range_are_rejected(metric: str, value: float, fragment: str, tmp_path: Path) -> None:
+    """The update-clipped bit must be a bit and the device's DP parameters must be in range."""
+    ledger, key = _make_device_ledger(tmp_path, "0", 1)
+    reply = _make_dp_reply(ledger, key, **{"update-clipped": 1})
+    assert screen_train_reply(reply, EXPECTED, device_dp=True, user_dp=True) is None
+    reply["metrics"][metric] = value
+    assert fragment in (screen_train_reply(reply, EXPECTED, device_dp=True, user_dp=True) or "")
+
+
+def test_device_ledgers_are_stored_even_when_the_update_is_dropped(tmp_path: Path) -> None:
+    """Entries of a verified chain are kept verbatim, also for a reply whose arrays the screen drops."""
+    strategy, sent = _make_strategy(tmp_path)
+    chains = [_make_device_ledger(tmp_path / "devices", str(i), 1) for i in range(3)]
+    good = [_reply(sent[i], _make_dp_reply(*chains[i])) for i in range(2)]
+    bad = _make_dp_reply(*chains[2])
+    bad["arrays"] = ArrayRecord({"w": Array(np.zeros((3, 2), np.float32)), "b": Array(np.zeros(3, np.float32))})
+    arrays, metrics = strategy.aggregate_train(1, [*good, _reply(sent[2], bad)])
+    assert arrays is not None and metrics["devices"] == 2
+    log = strategy.round_logs[1]
+    assert log.train_ok == 2 and len(log.failures) == 1 and "'w' is float32[3, 2]" in log.failures[0]
+    store = LedgerStore(tmp_path / "run-ledger")
+    assert store.scopes() == ["device:0", "device:1", "device:2"]
+    for i, (ledger, _) in enumerate(chains):
+        assert (tmp_path / "run-ledger" / "devices" / f"{i}.jsonl").read_bytes() == ledger.path.read_bytes()
+
+
+def test_tampered_device_ledger_drops_the_reply(tmp_path: Path) -> None:
+    """A chain whose entry was edited after signing fails verification: the reply is dropped with a reason."""
+    strategy, sent = _make_strategy(tmp_path)
+    ledger, key = _make_device_ledger(tmp_path, "0", 2)
+    record = ledger_record(ledger, public_key=key)
+    entry = json.loads(record["entries"][0])
+    entry["noise_multiplier"] = 2.2  # claim more noise than was added
+    record["entries"] = [json.dumps(entry, sort_keys=True, separators=(",", ":")), *record["entries"][1:]]
+    reply = _make_dp_reply(None, key)
+    reply[LEDGER_RECORD] = record
+    arrays, _ = strategy.aggregate_train(1, [_reply(sent[0], reply)])
+    assert arrays is None
+    assert "ledger record rejected" in strategy.round_logs[1].failures[0]
+    assert "hash does not match" in strategy.round_logs[1].failures[0]
+    assert LedgerStore(tmp_path / "run-ledger").scopes() == []
+
+
+def test_a_node_cannot_switch_ledger_scope(tmp_path: Path) -> None:
+    """Once a node has sent device:0's chain, a chain of another scope from it is refused."""
+    strategy, sent = _make_strategy(tmp_path)
+    first = _make_device_ledger(tmp_path, "0", 1)
+    other = _make_device_ledger(tmp_path, "9", 1)
+    strategy.aggregate_train(1, [_reply(sent[0], _make_dp_reply(*first))])
+    strategy.aggregate_train(2, [_reply(sent[0], _make_dp_reply(*other))])
+    assert "scope 'device:9', but this node sent 'device:0' before" in strategy.round_logs[2].failures[0]
+
+
+def test_budget_declines_are_counted_apart_from_failures(tmp_path: Path) -> None:
+    """Error code 1004 (budget exhausted) is a decline, listed with its reason; other errors are failures."""
+    strategy, sent = _make_strategy(tmp_path)
+    ledger, key = _make_device_ledger(tmp_path, "0", 1)
+    replies = [
+        _reply(sent[0], _make_dp_reply(ledger, key)),
+        _reply(sent[1], Error(code=ERROR_BUDGET_EXHAUSTED, reason="epsilon 2.9 of 3: the next round would need 3.2")),
+        _reply(sent[2], Error(code=ERROR_TRAINING_FAILED, reason="out of memory")),
+    ]
+    strategy.aggregate_train(1, replies)
+    log = strategy.round_logs[1]
+    assert log.train_ok == 1
+    node_2, node_3 = sent[1].metadata.dst_node_id, sent[2].metadata.dst_node_id
+    assert log.declined == [f"train node {node_2}: epsilon 2.9 of 3: the next round would need 3.2"]
+    assert log.failures == [f"train node {node_3}: out of memory"]
+
+
+def test_device_epsilon_is_aggregated_per_round() -> None:
+    """Train metrics carry the largest and the mean device ε of the accepted replies."""
+    replies = [_make_train_reply() for _ in range(3)]
+    for reply, epsilon in zip(replies, (0.5, 1.25, 0.75), strict=True):
+        reply["metrics"]["dp-epsilon"] = epsilon
+    record = aggregate_train_metrics(replies, "num-examples")
+    assert record["dp-epsilon-max"] == 1.25
+    assert record["dp-epsilon-mean"] == pytest.approx(2.5 / 3)
+    assert "dp-epsilon-max" not in aggregate_train_metrics([_make_train_reply()], "num-examples")
+
+
+def test_build_strategy_checks_the_privacy_objects(tmp_path: Path) -> None:
+    """Device DP needs a ledger directory; user DP needs exactly its UserLevelDP."""
+    with pytest.raises(ValueError, match="needs a ledger directory"):
+        build_strategy(load_config(None, []))
+    with pytest.raises(ValueError, match="user_dp must be given"):
+        build_strategy(load_config(None, ["privacy.user.enabled=true"]), ledger=LedgerStore(tmp_path))
+    plain = build_strategy(load_config(None, ["privacy.preset=off"]))
+    assert plain.user_dp is None and plain.device_dp is False
+
+
+def test_without_user_dp_training_is_example_weighted_and_sends_no_norm(tmp_path: Path) -> None:
+    """Without user-level DP the behaviour is unchanged: no clipping norm, FedAvg's weighted mean."""
+    strategy = build_strategy(load_config(None, ["privacy.preset=off", "devices=3"]))
+    arrays = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "b": Array(np.zeros(3, np.float32))})
+    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), _FakeGrid(3)))
+    assert "clipping-norm" not in sent[0].content["config"]
+    small = _make_train_reply(w=np.ones((2, 3), np.float32), b=np.zeros(3, np.float32))
+    large = _make_train_reply(w=np.full((2, 3), 3.0, np.float32), b=np.zeros(3, np.float32))
+    large["metrics"]["num-examples"] = 30
+    new, _ = strategy.aggregate_train(1, [_reply(sent[0], small), _reply(sent[1], large)])
+    np.testing.assert_allclose(new["w"].numpy(), (10 * 1.0 + 30 * 3.0) / 40)

@@ -1,0 +1,565 @@
+"""A device's differential privacy: its store, its cumulative accountant, DP-SGD, update clipping.
+
+Sample-level DP-SGD composes Opacus's public pieces (``GradSampleModule``,
+``DPOptimizer``, ``DPDataLoader``) rather than ``PrivacyEngine``: the engine keeps an
+accountant of its own that lives only as long as the engine (one round, here), and in
+secure mode it needs ``torchcsprng``, which has no build for torch 2.11. The device's
+accountant is instead rebuilt every round from the device's own signed ledger on
+disk, which is the source of truth: it survives process restarts on a deployed
+device and Ray worker reuse in simulation, and the server receives the same chain.
+
+Per round, in this order (no release can exceed the budget)::
+
+    privacy = DevicePrivacy.open(store, cfg.privacy)      # verify ledger, rebuild accountant
+    privacy.check(event, server_round=r)                   # raises before any training
+    ... DP-SGD with exactly `event` (private_training) ...
+    epsilon = privacy.record(event, ...)                   # spend, then sign into the ledger
+
+A device's store (see :class:`DeviceStore`) holds ``ledger/`` (a ``LedgerStore`` with
+the device's own key enrolled, so ``emofed audit <store>`` works on a device) and
+``keys/ledger.key`` (Ed25519, owner-only).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from flwr.app import ConfigRecord, Context
+from flwr.supercore.differential_privacy import compute_adaptive_clip_model_update
+from opacus import GradSampleModule
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+from torch.utils.data import DataLoader
+
+from emofed.config import DeviceDPConfig, PrivacyConfig
+from emofed.protocol import (
+    CLIPPING_NORM_KEY,
+    DEVICE_DIR_KEY,
+    DEVICE_ID_KEY,
+    DEVICE_ROOT_KEY,
+    simulated_device_root,
+)
+from privacy.accounting import PrivacyEvent, calibrate_noise
+from privacy.budget import BudgetedAccountant, PrivacyBudget
+from privacy.errors import PrivacyBudgetExceeded
+from privacy.guard import ledger_record
+from privacy.keys import load_or_create_private_key, load_private_key
+from privacy.ledger import Ledger
+from privacy.ledger_format import check_scope, event_of
+from privacy.ledger_store import LedgerStore
+
+logger = logging.getLogger(__name__)
+
+RUN_DIR_KEY = "run-dir"  # run config (pyproject.toml): the ServerApp's run directory
+LEDGER_DIR = "ledger"
+KEY_FILE = Path("keys") / "ledger.key"
+# δ must be well below 1/records: δ = 1/n allows publishing one record outright.
+DELTA_RECORDS_FACTOR = 10
+
+
+# -- the device's store --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceStore:
+    """Where one device keeps its privacy state for one run.
+
+    Attributes
+    ----------
+    device_id : str
+        The device's name in the ledger (scope ``device:<id>``).
+    root : Path
+        The run's store: ``root / "ledger"`` is a ledger directory.
+    key_path : Path
+        The device's Ed25519 ledger key (PKCS#8 PEM, 0600).
+    """
+
+    device_id: str
+    root: Path
+    key_path: Path
+
+    @property
+    def scope(self) -> str:
+        """The device's ledger scope."""
+        return f"device:{self.device_id}"
+
+    @property
+    def ledger_dir(self) -> Path:
+        """The device's ledger directory (``keys.json`` and ``devices/<id>.jsonl``)."""
+        return self.root / LEDGER_DIR
+
+    @classmethod
+    def from_context(cls, context: Context) -> DeviceStore:
+        """Resolve the device's id and store from Flower's node and run config.
+
+        The id is node config ``device-id``, else ``partition-id`` (simulation), else
+        Flower's node id. The store is, in order:
+
+        * deployment, node config ``device-dir``: the key in ``<dir>/keys/`` (one identity
+          per device) and the ledger in ``<dir>/runs/<run_id>/``, one chain per run: a
+          ledger's rounds may not go back and ``privacy.device.epsilon`` is a budget over
+          one run, so a new run starts a new chain;
+        * simulation, run config ``device-root`` (set by the runner): ``<root>/<id>``;
+        * run config ``run-dir``: ``<run-dir>.incomplete/simulated-devices/<id>``;
+        * otherwise ``<tempdir>/emofed-devices/run-<run_id>/<id>``.
+
+        Raises
+        ------
+        ValueError
+            If the device id is not a valid ledger name ``[A-Za-z0-9_][A-Za-z0-9_.-]*``.
+        """
+        node, run = context.node_config, context.run_config
+        if node.get(DEVICE_ID_KEY) not in (None, ""):
+            device_id, source = str(node[DEVICE_ID_KEY]), f"node config '{DEVICE_ID_KEY}'"
+        elif node.get("partition-id") is not None:
+            device_id, source = str(node["partition-id"]), "node config 'partition-id'"
+        else:
+            device_id, source = str(context.node_id), "the node id"
+        try:
+            check_scope(f"device:{device_id}")
+        except ValueError:
+            raise ValueError(
+                f"Device id from {source} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}. "
+                f"Found {device_id!r}."
+            ) from None
+        if node.get(DEVICE_DIR_KEY):
+            base = Path(str(node[DEVICE_DIR_KEY]))
+            return cls(device_id, base / "runs" / str(context.run_id), base / KEY_FILE)
+        if run.get(DEVICE_ROOT_KEY):
+            root = Path(str(run[DEVICE_ROOT_KEY])) / device_id
+        elif run.get(RUN_DIR_KEY):
+            root = simulated_device_root(Path(str(run[RUN_DIR_KEY]))) / device_id
+        else:
+            root = Path(tempfile.gettempdir()) / "emofed-devices" / f"run-{context.run_id}" / device_id
+        return cls(device_id, root, root / KEY_FILE)
+
+    def public_key(self) -> Ed25519PublicKey:
+        """The device's existing ledger key (never creates one).
+
+        Raises
+        ------
+        FileNotFoundError
+            If the device has no key yet.
+        PermissionError
+            If the key file is readable by others.
+        """
+        return load_private_key(self.key_path).public_key()
+
+
+# -- sampling and noise of one round -----------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPSGDPlan:
+    """How one round of DP-SGD samples a device's data, exactly as Opacus does.
+
+    ``DPDataLoader.from_data_loader`` turns a loader of ``L = ceil(n / batch_size)``
+    batches into Poisson sampling at rate ``q = 1 / L``; its sampler then yields
+    ``int(1 / q)`` batches per epoch, which floating point makes ``L - 1`` for some
+    ``L`` (e.g. 93): ``steps_per_epoch`` is what it yields, so the ledger records the
+    steps actually taken. ``expected_batch_size`` is ``PrivacyEngine.make_private``'s
+    ``int(n * q)`` (the mean-reduction denominator), kept at least 1.
+    """
+
+    num_examples: int
+    batch_size: int
+    local_epochs: int
+    sample_rate: float
+    steps_per_epoch: int
+    expected_batch_size: int
+
+    @property
+    def steps(self) -> int:
+        """DP-SGD steps of one round."""
+        return self.local_epochs * self.steps_per_epoch
+
+
+def plan_dp_sgd(num_examples: int, *, batch_size: int, local_epochs: int) -> DPSGDPlan:
+    """The Poisson sampling of one round over ``num_examples`` training samples.
+
+    Raises
+    ------
+    ValueError
+        If a count is not positive.
+    """
+    counts = {"num_examples": num_examples, "batch_size": batch_size, "local_epochs": local_epochs}
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer. Found {value}.")
+    batches = math.ceil(num_examples / batch_size)
+    sample_rate = 1 / batches
+    sampler = UniformWithReplacementSampler(num_samples=num_examples, sample_rate=sample_rate)
+    return DPSGDPlan(
+        num_examples=num_examples,
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        sample_rate=sample_rate,
+        steps_per_epoch=len(sampler),
+        expected_batch_size=max(1, int(num_examples * sample_rate)),
+    )
+
+
+def check_device_delta(delta: float, *, num_examples: int) -> None:
+    """Refuse a δ that is not well below 1 / records on this device.
+
+    Raises
+    ------
+    ValueError
+        If ``delta > 1 / (10 * num_examples)``.
+    """
+    limit = 1 / (DELTA_RECORDS_FACTOR * num_examples)
+    if delta > limit:
+        raise ValueError(
+            f"'privacy.delta' must be well below 1/records: at most {limit:.3g} on this device "
+            f"with {num_examples} training samples. Found {delta:g}."
+        )
+
+
+def round_noise_multiplier(
+    device: DeviceDPConfig, *, delta: float, accountant: str, rounds: int, plan: DPSGDPlan
+) -> float:
+    """σ of this round's DP-SGD: the configured one, or one calibrated over the planned run.
+
+    Calibrated before training over ``rounds × plan.steps`` steps, so a device trained
+    every round spends at most its budget by the last round (Abadi et al. 2016,
+    "Deep Learning with Differential Privacy", §3.1; the accountant composes the
+    sampled Gaussian mechanism, Mironov et al. 2019).
+
+    Raises
+    ------
+    ValueError
+        If the target cannot be met.
+    """
+    if device.noise_multiplier is not None:
+        return float(device.noise_multiplier)
+    return calibrate_noise(
+        target_epsilon=device.epsilon,
+        delta=delta,
+        sample_rate=plan.sample_rate,
+        steps=rounds * plan.steps,
+        accountant=accountant,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPSGDSettings:
+    """Everything one round of DP-SGD needs; ``event`` is what it releases."""
+
+    plan: DPSGDPlan
+    noise_multiplier: float
+    max_grad_norm: float
+    secure_mode: bool = False
+
+    @property
+    def event(self) -> PrivacyEvent:
+        """The round's release: ``plan.steps`` Poisson-sampled Gaussian steps."""
+        return PrivacyEvent(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.plan.sample_rate,
+            steps=self.plan.steps,
+        )
+
+
+# -- the cumulative accountant -------------------------------------------------------
+
+
+class DevicePrivacy:
+    """A device's cumulative DP-SGD accountant, rebuilt from its own ledger each round.
+
+    Build it with :meth:`open`. The ledger on disk is the only state: nothing is kept
+    in memory between rounds, so a restarted process continues where the chain ends.
+    """
+
+    def __init__(
+        self, store: DeviceStore, privacy: PrivacyConfig, ledger: Ledger, key: Ed25519PrivateKey
+    ) -> None:
+        self.store = store
+        self.privacy = privacy
+        self.ledger = ledger
+        self._key = key
+        self._budget = PrivacyBudget(epsilon=privacy.device.epsilon, delta=privacy.delta)
+        self._load()
+
+    def _load(self) -> None:
+        """Rebuild the accountant from every entry of the chain as it is on disk now."""
+        self._entries = self.ledger.entries()
+        if self._entries:
+            self._check_same_terms(self._entries[-1])
+        try:
+            self.accountant = BudgetedAccountant(
+                self._budget,
+                accountant=self.privacy.accountant,
+                events=[event_of(entry) for entry in self._entries],
+            )
+        except PrivacyBudgetExceeded:
+            raise PrivacyBudgetExceeded(
+                f"privacy budget exhausted: device {self.store.device_id} has already spent more "
+                f"than epsilon {self._budget.epsilon:g}"
+            ) from None
+
+    @classmethod
+    def open(cls, store: DeviceStore, privacy: PrivacyConfig) -> DevicePrivacy:
+        """Load (or create) the device's key, enroll it, verify the chain, rebuild ε.
+
+        Raises
+        ------
+        LedgerTampered
+            If the device's own chain fails verification: it cannot know what it spent.
+        ValueError
+            If the request's privacy terms differ from those the chain was written under.
+        PrivacyBudgetExceeded
+            If the chain already spends more than the budget.
+        """
+        key = load_or_create_private_key(store.key_path)
+        ledgers = LedgerStore(store.ledger_dir)
+        ledgers.enroll(store.scope, key)
+        ledger = ledgers.ledger(store.scope)
+        ledger.verify(key.public_key())
+        return cls(store, privacy, ledger, key)
+
+    def _check_same_terms(self, last: Mapping[str, Any]) -> None:
+        # A budget raised mid-run would let the device overspend what it first promised.
+        recorded = (last["budget_epsilon"], last["delta"], last["accountant"])
+        requested = (self._budget.epsilon, self._budget.delta, self.privacy.accountant)
+        if recorded != requested:
+            raise ValueError(
+                f"Device {self.store.device_id}'s ledger was written at epsilon {recorded[0]:g}, "
+                f"delta {recorded[1]:g} ({recorded[2]}); this run asks for epsilon "
+                f"{requested[0]:g}, delta {requested[1]:g} ({requested[2]})."
+            )
+
+    @property
+    def epsilon(self) -> float:
+        """Cumulative ε spent so far."""
+        return self.accountant.epsilon
+
+    def check(self, event: PrivacyEvent, *, server_round: int) -> float:
+        """Return the ε this round would bring the device to; raise if it must not train.
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            With a one-line reason if ``event`` would exceed the budget.
+        ValueError
+            If ``server_round`` is before a round already in the ledger.
+        """
+        if self._entries and server_round < self._entries[-1]["round"]:
+            raise ValueError(
+                f"Server round {server_round} is before round {self._entries[-1]['round']} "
+                f"already in device {self.store.device_id}'s ledger."
+            )
+        after = self._refuse_over_budget(event)
+        logger.info(
+            "Device %s round %d: DP-SGD sigma %.4f, q %.4g, %d steps; epsilon %.4f -> %.4f of %g",
+            self.store.device_id, server_round, event.noise_multiplier, event.sample_rate,
+            event.steps, self.epsilon, after, self._budget.epsilon,
+        )
+        return after
+
+    def _refuse_over_budget(self, event: PrivacyEvent) -> float:
+        after = self.accountant.epsilon_if(event)
+        if not after <= self._budget.epsilon:  # also refuses nan
+            raise PrivacyBudgetExceeded(
+                f"privacy budget exhausted: device {self.store.device_id} has spent epsilon "
+                f"{self.epsilon:.3g} of {self._budget.epsilon:g}; "
+                f"this round would bring it to {after:.3g}"
+            )
+        return after
+
+    def record(
+        self,
+        event: PrivacyEvent,
+        *,
+        server_round: int,
+        clipping_norm: float,
+        extra: Mapping[str, int | float],
+    ) -> float:
+        """Spend ``event`` and sign it into the device's ledger; return the cumulative ε.
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            If the release would overspend (nothing is recorded, nothing may be sent).
+        """
+        # Another process on this device may have released since check(): compose what
+        # the chain holds now. (Ledger.append re-verifies the chain under its file lock.)
+        self._load()
+        self._refuse_over_budget(event)
+        epsilon = self.accountant.spend(event)
+        self.ledger.append(
+            server_round=server_round,
+            event=event,
+            clipping_norm=clipping_norm,
+            delta=self.privacy.delta,
+            epsilon=epsilon,
+            accountant=self.privacy.accountant,
+            budget_epsilon=self.privacy.device.epsilon,
+            private_key=self._key,
+            extra=dict(extra),
+        )
+        return epsilon
+
+    def ledger_record(self) -> ConfigRecord:
+        """The whole signed chain and its seal, for the reply (the server merges idempotently).
+
+        Raises
+        ------
+        RuntimeError
+            If the ledger is empty (nothing has been recorded).
+        """
+        record = ledger_record(self.ledger, public_key=self._key.public_key(), since_seq=0)
+        if record is None:
+            raise RuntimeError(f"Device {self.store.device_id}'s ledger is empty: nothing to ship.")
+        return record
+
+
+# -- DP-SGD ------------------------------------------------------------------------
+
+
+def _generators(
+    device: torch.device, *, secure_mode: bool, seed: int
+) -> tuple[torch.Generator, torch.Generator]:
+    """(sampler generator on CPU, noise generator on ``device``).
+
+    Secure mode seeds both from the OS entropy pool, never from the config seed;
+    otherwise from ``seed``, so that simulations are reproducible.
+    """
+    if secure_mode:
+        seeds = (secrets.randbits(63), secrets.randbits(63))
+    else:
+        seeds = (seed % 2**63, (seed + 1) % 2**63)
+    sampler = torch.Generator().manual_seed(seeds[0])
+    noise = torch.Generator(device=device).manual_seed(seeds[1])
+    return sampler, noise
+
+
+def _release(model: nn.Module, wrapped: GradSampleModule | None) -> None:
+    """Leave ``model`` as it was before DP-SGD: no hooks, no per-sample state."""
+    if wrapped is not None:
+        wrapped.cleanup()  # hooks, grad_sample, _forward_counter, ...
+    for module in model.modules():
+        # Activations captured by a forward pass whose backward never ran (an error).
+        for attr in ("activations", "max_batch_len"):
+            if attr in module.__dict__:
+                delattr(module, attr)
+    for parameter in model.parameters():
+        if hasattr(parameter, "summed_grad"):  # set by DPOptimizer
+            del parameter.summed_grad
+        parameter.grad = None
+
+
+@contextmanager
+def private_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    settings: DPSGDSettings,
+    seed: int,
+) -> Iterator[tuple[GradSampleModule, DPOptimizer, DPDataLoader]]:
+    """Wrap a model, optimizer and loader for DP-SGD; undo the wrapping on exit.
+
+    Per-sample gradients (``GradSampleModule``, mean loss reduction) are clipped to
+    ``settings.max_grad_norm`` and Gaussian noise of standard deviation
+    ``noise_multiplier × max_grad_norm`` is added to their sum (``DPOptimizer``), on
+    Poisson-sampled batches (``DPDataLoader.from_data_loader``), which may be empty.
+
+    ``secure_mode`` uses ``DPOptimizer(secure_mode=True)``: each noise value is the
+    scaled sum of four Gaussian draws, which defeats the floating-point attack on
+    noise (Holohan & Braghin 2021, §5.1; Opacus ``_generate_noise``), and the noise and
+    sampling generators are seeded from ``secrets``. ``torchcsprng`` (Opacus's CSPRNG)
+    has no build for torch 2.11, so the draws come from torch's Mersenne Twister: seeded
+    unpredictably, but not a cryptographic generator.
+
+    The model is cached and reused by later rounds and other devices, so on exit,
+    normal or not, Opacus's hooks and per-parameter attributes are removed.
+
+    Raises
+    ------
+    ValueError
+        If the loader's sampling differs from ``settings.plan`` (the accounted event).
+    """
+    sampler_generator, noise_generator = _generators(
+        next(model.parameters()).device, secure_mode=settings.secure_mode, seed=seed
+    )
+    private_loader = DPDataLoader.from_data_loader(loader, generator=sampler_generator)
+    plan = settings.plan
+    if private_loader.sample_rate != plan.sample_rate or len(private_loader) != plan.steps_per_epoch:
+        raise ValueError(
+            f"DP-SGD loader samples at q={private_loader.sample_rate} for {len(private_loader)} "
+            f"steps; the accounted plan is q={plan.sample_rate} for {plan.steps_per_epoch}."
+        )
+    wrapped: GradSampleModule | None = None
+    try:
+        with warnings.catch_warnings():
+            # Frozen inputs (images, token ids) make every full backward hook say so.
+            warnings.filterwarnings(
+                "ignore", message="Full backward hook is firing", category=UserWarning
+            )
+            wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            private_optimizer = DPOptimizer(
+                optimizer,
+                noise_multiplier=settings.noise_multiplier,
+                max_grad_norm=settings.max_grad_norm,
+                expected_batch_size=plan.expected_batch_size,
+                loss_reduction="mean",
+                generator=noise_generator,
+                secure_mode=settings.secure_mode,
+            )
+            yield wrapped, private_optimizer, private_loader
+    finally:
+        _release(model, wrapped)
+
+
+# -- user-level DP: clipping the update ------------------------------------------------
+
+
+def user_clipping_norm(config: ConfigRecord) -> float:
+    """The norm the server asks this round's update to be clipped to.
+
+    Raises
+    ------
+    ValueError
+        If the training message carries no positive, finite ``clipping-norm``.
+    """
+    if CLIPPING_NORM_KEY not in config:
+        raise ValueError(f"Training message carries no '{CLIPPING_NORM_KEY}' (user-level DP is on).")
+    value = config[CLIPPING_NORM_KEY]
+    usable = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (usable and math.isfinite(value) and value > 0):
+        raise ValueError(f"'{CLIPPING_NORM_KEY}' must be a positive finite number. Found {value!r}.")
+    return float(value)
+
+
+def clip_update(
+    updated: dict[str, np.ndarray], received: Mapping[str, np.ndarray], *, clipping_norm: float
+) -> bool:
+    """Clip ``updated − received`` to ``clipping_norm`` in place; return whether it was clipped.
+
+    Flower's ``compute_adaptive_clip_model_update`` (flat clipping, McMahan et al. 2018,
+    "Learning Differentially Private Recurrent Language Models", Alg. 1); its boolean
+    is the norm bit that adaptive clipping counts (Andrew et al. 2021).
+    """
+    keys = list(received)
+    new = [updated[key] for key in keys]
+    try:
+        clipped = compute_adaptive_clip_model_update(new, [received[key] for key in keys], clipping_norm)
+    except ZeroDivisionError:  # a zero update: nothing to clip (Flower divides by its norm)
+        return False
+    for key, array in zip(keys, new, strict=True):
+        updated[key] = array
+    return bool(clipped)
