@@ -276,7 +276,7 @@ def _train(
         cfg=cfg.train,
         aux_weight=cfg.model.fusion.aux_weight,
         device=device,
-        seed=_seed(cfg, msg, context),
+        seed=_seed(cfg, msg, context) if privacy is None else privacy.noise_seed(cfg.seed, server_round),
         proximal_mu=proximal_mu,
         dp=settings,
     )

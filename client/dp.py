@@ -57,7 +57,7 @@ from privacy.accounting import PrivacyEvent, calibrate_noise
 from privacy.budget import BudgetedAccountant, PrivacyBudget
 from privacy.errors import PrivacyBudgetExceeded
 from privacy.guard import ledger_record
-from privacy.keys import load_or_create_private_key, load_private_key
+from privacy.keys import load_or_create_private_key, load_private_key, secret_seed
 from privacy.ledger import Ledger
 from privacy.ledger_format import check_scope, event_of
 from privacy.ledger_store import LedgerStore
@@ -331,6 +331,14 @@ class DevicePrivacy:
         ledger.verify(key.public_key())
         return cls(store, privacy, ledger, key)
 
+    def noise_seed(self, *parts: object) -> int:
+        """Seed of this round's DP-SGD noise and Poisson sampling (without secure mode).
+
+        Derived from the device's private key: the coordinator knows the run's ``seed``
+        and the round, so a seed made from those alone would let it regenerate the noise.
+        """
+        return secret_seed(self._key, *parts)
+
     def _check_same_terms(self, last: Mapping[str, Any]) -> None:
         # A budget raised mid-run would let the device overspend what it first promised.
         recorded = (last["budget_epsilon"], last["delta"], last["accountant"])
@@ -363,7 +371,7 @@ class DevicePrivacy:
                 f"already in device {self.store.device_id}'s ledger."
             )
         after = self._refuse_over_budget(event)
-        logger.info(
+        logger.debug(
             "Device %s round %d: DP-SGD sigma %.4f, q %.4g, %d steps; epsilon %.4f -> %.4f of %g",
             self.store.device_id, server_round, event.noise_multiplier, event.sample_rate,
             event.steps, self.epsilon, after, self._budget.epsilon,

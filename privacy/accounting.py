@@ -444,7 +444,7 @@ def _calibrate(
             f"Could not calibrate noise for target epsilon {target_epsilon} "
             f"with {accountant}."
         )
-    logger.info(
+    logger.debug(
         "Calibrated noise multiplier %.4f for epsilon %.3f, delta %g, q %g, %d steps (%s)",
         sigma,
         target_epsilon,

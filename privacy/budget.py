@@ -180,7 +180,7 @@ class BudgetedAccountant:
         epsilon = self.check(event)
         self._events.append(event)
         self._epsilon = epsilon
-        logger.info(
+        logger.debug(
             "Spent sigma=%.4f q=%.4g steps=%d (%s): epsilon %.4f of %.4f at delta %g",
             event.noise_multiplier,
             event.sample_rate,

@@ -77,7 +77,7 @@ def save_private_key(
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, pem, mode=PRIVATE_KEY_MODE, overwrite=False)
     os.chmod(path, PRIVATE_KEY_MODE)  # in case a restrictive umask was not in force
-    logger.info("Saved signing key %s (fingerprint %s)", path, fingerprint(key))
+    logger.debug("Saved signing key %s (fingerprint %s)", path, fingerprint(key))
 
 
 def load_private_key(path: Path | str, *, password: bytes | None = None) -> Ed25519PrivateKey:
@@ -171,6 +171,21 @@ def fingerprint(key: PublicKeyLike) -> str:
     """Return the hex SHA-256 of the key's 32 raw public bytes (the ledger ``key_id``)."""
     raw = _public(key).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()
+
+
+def secret_seed(key: Ed25519PrivateKey, *parts: object) -> int:
+    """A 63-bit seed that only the holder of ``key`` can compute, from ``parts``.
+
+    DP noise seeded from a public value (the run's ``seed``, a round number) could be
+    regenerated and subtracted by whoever knows that value. Seeding from the party's own
+    signing key keeps a run reproducible for that party and unpredictable for anyone else.
+    """
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    label = ":".join(str(part) for part in parts).encode()
+    digest = hashlib.sha256(b"emofed-noise-seed/1\0" + raw + b"\0" + label).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def sign(key: Ed25519PrivateKey, data: bytes) -> str:

@@ -342,7 +342,7 @@ class Ledger:
                 raise ValueError(f"Invalid ledger entry: {err}.") from None
             new_text = "".join(lines) + _line(entry) + _line(self._seal(entry, private_key))
             atomic_write_bytes(self.path, new_text.encode("ascii"))
-        logger.info(
+        logger.debug(
             "Ledger %s seq %d round %d: epsilon %.4f of %.4f (%s)",
             self.scope, entry["seq"], entry["round"], epsilon, budget_epsilon, accountant,
         )
@@ -409,5 +409,5 @@ class Ledger:
             new_text = "".join(merged) + seal
             self._check_text(new_text, key)
             atomic_write_bytes(self.path, new_text.encode("ascii"))
-        logger.info("Ledger %s: stored %d new entries", self.scope, added)
+        logger.debug("Ledger %s: stored %d new entries", self.scope, added)
         return added

@@ -131,7 +131,7 @@ class LedgerStore:
             atomic_write_bytes(
                 self.keys_path, (json.dumps(payload, indent=2) + "\n").encode("ascii")
             )
-        logger.info("Enrolled %s with key %s", scope, fingerprint(text))
+        logger.debug("Enrolled %s with key %s", scope, fingerprint(text))
         return True
 
     def ledger(self, scope: str) -> Ledger:

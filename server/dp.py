@@ -21,7 +21,8 @@ weighs the same: an example-weighted mean would let one large device move it by 
 Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive
 Clipping", arXiv:1905.03871, Alg. 1): each device reports whether its update was longer
 than C; the server releases the noisy count of *unclipped* updates,
-``b̄ = (Σ_i 1[‖Δ_i‖ ≤ C] + N(0, σ_b²)) / m``, and sets ``C ← C·exp(−η_C (b̄ − γ))`` with γ
+``b̄ = (Σ_i (1[‖Δ_i‖ ≤ C] − ½) + N(0, σ_b²)) / m + ½`` (centred, so the count's
+sensitivity is ½ whether a device is added or removed), and sets ``C ← C·exp(−η_C (b̄ − γ))`` with γ
 the target share of unclipped updates. The update is noised with
 ``σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2)`` so that the pair (update, count) is one Gaussian
 mechanism with noise multiplier σ (Thm. 1); σ is what is accounted and recorded.
@@ -39,7 +40,9 @@ released must not depend on the devices' data, and the budget for it was committ
 the messages were sent. Each release is signed into the server's ledger
 (``<run>/ledger/server.jsonl``) before it is handed back to the strategy.
 
-Noise: reproducible by default (a generator seeded from ``seed`` and the round). With
+Noise: reproducible by default for the server only (a generator seeded from the server's
+private signing key, ``seed`` and the round: devices know ``seed`` and must not be able to
+regenerate the noise). With
 ``privacy.secure_mode`` each release draws from a fresh generator seeded with 64 bits of
 OS entropy and uses Opacus's floating-point-attack-resistant sampling
 (:func:`opacus.optimizers.optimizer._generate_noise` with ``secure_mode=True``: the mean
@@ -96,7 +99,7 @@ from emofed.config import EmofedConfig, PrivacyConfig
 from privacy.accounting import PrivacyEvent, calibrate_noise
 from privacy.budget import BudgetedAccountant, PrivacyBudget
 from privacy.errors import PrivacyBudgetExceeded
-from privacy.keys import fingerprint, load_or_create_private_key
+from privacy.keys import fingerprint, load_or_create_private_key, secret_seed
 from privacy.ledger_store import LedgerStore
 
 logger = logging.getLogger(__name__)
@@ -303,7 +306,9 @@ class UserLevelDP:
         if self.secure_mode:
             seed = secrets.randbits(64)
         else:
-            seed = int(np.random.SeedSequence([self.seed, server_round, _NOISE_STREAM]).generate_state(1, np.uint64)[0])
+            # From the server's signing key: devices know `seed` and could regenerate noise
+            # seeded from it alone, then subtract it from the release.
+            seed = secret_seed(self._key, self.seed, server_round, _NOISE_STREAM)
         return torch.Generator(device="cpu").manual_seed(seed)
 
     def release(
@@ -347,13 +352,16 @@ class UserLevelDP:
             raise ValueError(f"{len(updates)} updates for {m} sampled devices.")
         base = {k: np.asarray(v, dtype=np.float64) for k, v in current.items()}
         total = {k: np.zeros_like(v) for k, v in base.items()}
-        unclipped = 0
+        # Σ (b_i − ½) over the devices aggregated, b_i = 1 for an unclipped update: centred,
+        # so adding or removing a device moves it by ½ whatever b_i was (the sensitivity
+        # Andrew et al.'s Thm. 1 assumes for σ_Δ); an absent device counts as ½.
+        centred = 0.0
         for update, reported in zip(updates, clipped, strict=True):
             delta = {k: np.asarray(update[k], dtype=np.float64) - v for k, v in base.items()}
             length = get_norm(list(delta.values()))
             # Flower's clip_inputs_inplace divides by the norm; a zero update is legal.
             scale = min(1.0, norm / length) if length > 0 else 1.0
-            unclipped += int(not reported and length <= norm * (1 + NORM_TOLERANCE))
+            centred += int(not reported and length <= norm * (1 + NORM_TOLERANCE)) - 0.5
             for key, value in delta.items():
                 total[key] += value * scale
         generator = self._generator(server_round)
@@ -369,11 +377,12 @@ class UserLevelDP:
             "noise_std": std,
         }
         if pending.count_noise_stddev is not None:
-            noisy = unclipped + float(
+            noisy = centred + float(
                 gaussian_noise(pending.count_noise_stddev, (), generator, secure_mode=self.secure_mode)
             )
             # Andrew et al. 2021, Alg. 1: geometric step on the *unclipped* share b̄.
-            next_norm = norm * math.exp(-self.clip_lr * (noisy / m - self.target_quantile))
+            unclipped_share = noisy / m + 0.5
+            next_norm = norm * math.exp(-self.clip_lr * (unclipped_share - self.target_quantile))
             extra.update(
                 update_noise_multiplier=pending.update_noise_multiplier,
                 count_noise_stddev=pending.count_noise_stddev,

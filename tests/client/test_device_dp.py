@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import client.app
 import client.data
 from client.app import DeviceGuardMod, app
-from client.dp import DevicePrivacy, DeviceStore, DPSGDSettings, plan_dp_sgd, private_training
+from client.dp import KEY_FILE, DevicePrivacy, DeviceStore, DPSGDSettings, plan_dp_sgd, private_training
 from client.train import train_local
 from emofed.config import EmofedConfig, load_config, to_json
 from emofed.protocol import (
@@ -236,6 +237,11 @@ def test_user_level_clipping_bounds_the_update(tmp_path: Path, device_dp: bool) 
     unclipped = _train(_make_config(*preset, _SIGMA), tmp_path / "plain")
     received = {k: a.numpy() for k, a in _make_arrays(cfg).items()}
     for norm, bit in ((1e-4, 1), (1e6, 0)):
+        # The same device key as the plain run: DP noise is seeded from the device's key.
+        key = tmp_path / str(norm) / "0" / KEY_FILE
+        key.parent.mkdir(parents=True)
+        if device_dp:
+            shutil.copy2(tmp_path / "plain" / "0" / KEY_FILE, key)
         reply = _train(cfg, tmp_path / str(norm), **{CLIPPING_NORM_KEY: norm})
         assert not reply.has_error(), reply.error
         assert set(reply.content["metrics"]) == train_metric_keys(device_dp, True)
@@ -307,12 +313,21 @@ def test_secure_mode_is_unpredictable_and_plain_mode_reproducible(tmp_path: Path
     """Same seed: plain DP-SGD repeats exactly; secure mode's noise and sampling do not."""
     for secure in (False, True):
         cfg = _make_config(_SIGMA, f"privacy.secure_mode={str(secure).lower()}")
-        first, second = (_train(cfg, tmp_path / f"{secure}-{i}") for i in range(2))
+        first = _train(cfg, tmp_path / f"{secure}-0")
+        # The same device (key) again: plain-mode noise is seeded from the device's key.
+        key = tmp_path / f"{secure}-1" / "0" / KEY_FILE
+        key.parent.mkdir(parents=True)
+        shutil.copy2(tmp_path / f"{secure}-0" / "0" / KEY_FILE, key)
+        second = _train(cfg, tmp_path / f"{secure}-1")
         assert not first.has_error() and not second.has_error()
         a, b = _weights(first), _weights(second)
         assert all(np.isfinite(v).all() for v in a.values())
         same = all(np.array_equal(a[k], b[k]) for k in a)
         assert same is not secure
+        if not secure:
+            plain = a
+    other = _weights(_train(_make_config(_SIGMA), tmp_path / "other-device"))
+    assert not all(np.array_equal(other[k], plain[k]) for k in plain)  # another key, other noise
 
 
 def test_too_large_delta_is_declined_before_anything_is_written(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from emofed.config import EmofedConfig, PrivacyConfig, UserDPConfig, load_config
 from emofed.protocol import CLIPPING_NORM_KEY, EVAL_METRICS
 from privacy.accounting import PrivacyEvent, calibrate_noise, compute_epsilon
 from privacy.audit import audit
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from privacy.keys import fingerprint, generate_private_key
 from privacy.ledger_store import LedgerStore
 from server.dp import PrivacyBudgetStop, UserLevelDP, server_key_path
@@ -34,15 +35,26 @@ def _task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
+_KEY = generate_private_key()  # the server's key: it seeds the noise (with seed and round)
+
+
 def _make_privacy(**user: object) -> PrivacyConfig:
     fields = {"enabled": True, "epsilon": 50.0, "noise_multiplier": 1.0, "clipping_norm": 1.0, **user}
     return PrivacyConfig(delta=DELTA, user=UserDPConfig(**fields))  # type: ignore[arg-type]
 
 
-def _make_dp(tmp_path: Path, *, rounds: int = 5, seed: int = 0, secure: bool = False, **user: object) -> UserLevelDP:
+def _make_dp(
+    tmp_path: Path,
+    *,
+    rounds: int = 5,
+    seed: int = 0,
+    secure: bool = False,
+    key: Ed25519PrivateKey | None = None,
+    **user: object,
+) -> UserLevelDP:
     privacy = dataclasses.replace(_make_privacy(**user), secure_mode=secure)
     return UserLevelDP(
-        privacy, rounds=rounds, seed=seed, ledger=LedgerStore(tmp_path / "ledger"), private_key=generate_private_key()
+        privacy, rounds=rounds, seed=seed, ledger=LedgerStore(tmp_path / "ledger"), private_key=key or _KEY
     )
 
 
@@ -236,6 +248,9 @@ def test_noise_is_reproducible_unless_secure_mode(tmp_path: Path, secure: bool, 
     first = _release(_make_dp(tmp_path / "a", secure=secure), 1, 3, [])
     second = _release(_make_dp(tmp_path / "b", secure=secure), 1, 3, [])
     assert np.array_equal(first.arrays["w"], second.arrays["w"]) is same
+    # Devices know the seed but not the server's key: with another key the noise differs.
+    other_key = _release(_make_dp(tmp_path / "k", key=generate_private_key()), 1, 3, [])
+    assert not np.array_equal(first.arrays["w"], other_key.arrays["w"])
     other_round = _make_dp(tmp_path / "c")
     _release(other_round, 1, 3, [])
     assert not np.array_equal(_release(other_round, 2, 3, []).arrays["w"], first.arrays["w"])
