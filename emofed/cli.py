@@ -166,6 +166,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Verify a run's privacy ledger and recompute its ε with independent accountants."""
     from privacy.audit import audit
 
+    # dp-accounting's RDP logs each fractional order it drops (its documented behaviour;
+    # the bound stays valid), one line per order: noise in an audit report.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     pinned: dict[str, str] = {}
     for item in args.pin or ():
         scope, sep, key = item.partition("=")

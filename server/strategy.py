@@ -53,7 +53,7 @@ from privacy.errors import LedgerTampered
 from privacy.guard import LEDGER_RECORD, read_ledger_record
 from privacy.ledger_format import parse_line
 from privacy.ledger_store import LedgerStore
-from server.dp import UserLevelDP
+from server.dp import PrivacyBudgetStop, UserLevelDP
 
 logger = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
@@ -295,6 +295,7 @@ class ScreenedStrategy:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._stop_if_every_device_declined(server_round)
         if not self._expected:
             # The first global model fixes the protocol: every later round sends and
             # accepts exactly these keys, shapes and dtypes.
@@ -308,6 +309,19 @@ class ScreenedStrategy:
             self._current = {k: a.numpy() for k, a in arrays.items()}
         self._log(server_round).train_sent = len(messages)
         return messages
+
+    def _stop_if_every_device_declined(self, server_round: int) -> None:
+        # Devices' budgets are spent: further rounds would only repeat the declines (and,
+        # with user-level DP, spend the federation's budget on noise).
+        previous = self.round_logs.get(server_round - 1)
+        if previous is None or not previous.train_sent:
+            return
+        declined = [d for d in previous.declined if d.startswith("train ")]
+        if len(declined) >= previous.train_sent:
+            raise PrivacyBudgetStop(
+                f"every device sampled in round {server_round - 1} declined to train because its "
+                f"privacy budget is spent ({declined[0].split(': ', 1)[-1]})"
+            )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

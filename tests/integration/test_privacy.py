@@ -111,3 +111,27 @@ def test_a_budget_too_small_for_the_plan_stops_the_run_cleanly(tmp_path: Path) -
     assert report.ok, report.format_table()
     assert [row.scope for row in report.scopes] == ["server"]
     assert math.isclose(report.scopes[0].recorded_epsilon, two, rel_tol=1e-9)
+
+
+def test_devices_out_of_budget_decline_and_the_run_stops(tmp_path: Path) -> None:
+    """A fixed σ whose second round would overspend every device's budget: devices decline
+    round 2 (counted, with their reason), the run stops before round 3, ledgers verify."""
+    # configs/smoke.yaml: 12 training samples per device, batch 16, 1 epoch: q = 1, 1 step.
+    one = compute_epsilon([PrivacyEvent(noise_multiplier=2.0, sample_rate=1.0, steps=1)], delta=DELTA)
+    two = compute_epsilon([PrivacyEvent(noise_multiplier=2.0, sample_rate=1.0, steps=2)], delta=DELTA)
+    proc = _emofed(
+        "simulate", "--config", "configs/smoke.yaml", "rounds=3", "privacy.device.noise_multiplier=2.0",
+        f"privacy.device.epsilon={(one + two) / 2:.4f}", f"output.dir={tmp_path}", "output.name=run",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "stopped-privacy-budget"
+    assert "every device sampled in round 2 declined" in summary["stop_reason"]
+    rows = _rows(run)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["declined_devices"] == 0 and rows[1]["declined_devices"] == 3
+    assert rows[1]["train_devices"] == 0
+    report = audit(run)
+    assert report.ok, report.format_table()
+    assert all(row.releases == 1 for row in report.scopes)

@@ -368,3 +368,18 @@ def test_without_user_dp_training_is_example_weighted_and_sends_no_norm(tmp_path
     large["metrics"]["num-examples"] = 30
     new, _ = strategy.aggregate_train(1, [_reply(sent[0], small), _reply(sent[1], large)])
     np.testing.assert_allclose(new["w"].numpy(), (10 * 1.0 + 30 * 3.0) / 40)
+
+
+def test_run_stops_when_every_sampled_device_declined_for_its_budget(tmp_path: Path) -> None:
+    """A round in which every device declined (budget spent) ends the run before the next."""
+    from server.dp import PrivacyBudgetStop
+    from server.strategy import RoundLog
+
+    strategy = build_strategy(load_config(None, []), ledger=LedgerStore(tmp_path))
+    reason = "privacy budget exhausted: device 0 has spent epsilon 1.9 of 2"
+    strategy.round_logs[1] = RoundLog(train_sent=2, declined=[f"train node 7: {reason}"] * 2)
+    with pytest.raises(PrivacyBudgetStop, match="every device sampled in round 1 declined.*device 0 has spent"):
+        strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid=None)  # type: ignore[arg-type]
+    # One device declining is not a reason to stop: the others still train.
+    strategy.round_logs[2] = RoundLog(train_sent=2, declined=[f"train node 7: {reason}"])
+    strategy._stop_if_every_device_declined(3)
