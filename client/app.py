@@ -87,17 +87,13 @@ CONFUSION_KEY = "confusion"
 
 
 class DeviceGuardMod(OutgoingGuardMod):
-    """The outgoing-message guard with two device-specific checks.
+    """The outgoing-message guard, with the device's own ledger key settled per reply.
 
-    One mod serves every device of a (simulation) process, so two things the base
-    mod takes at construction are settled per reply, after the ClientApp answered:
-
-    * a shipped ledger must be signed by *this* device's key, read from its store;
-      its ``public_key`` field must be that key;
-    * evaluation's ``confusion`` metric, a list (the base guard refuses every list,
-      which could carry an embedding), passes only as exactly ``NUM_CLASSES²``
-      non-negative integer counts summing to ``num-examples``; the rest of the reply
-      goes through the base guard.
+    One mod serves every device of a (simulation) process, so the key that shipped
+    ledger entries must be signed with (this device's, read from its store; the
+    record's ``public_key`` must be it) is looked up after the ClientApp answered.
+    Everything else, including evaluation's ``confusion`` counts (``count_vectors``),
+    is the base guard's.
     """
 
     def __call__(
@@ -108,37 +104,14 @@ class DeviceGuardMod(OutgoingGuardMod):
         if reply.has_error():
             return reply
         try:
-            content = _without_confusion(reply.content)
             key = _ledger_key(reply.content, ctxt)
         except GuardViolation as err:
             logger.error("%s", err)
             return self._blocked(msg, "privacy guard blocked the reply: " + ", ".join(err.kinds))
         kwargs = {**self.guard_kwargs, "ledger_public_key": key}
         guard = OutgoingGuardMod(self.metric_allowlist, **kwargs)
-        checked = guard(msg, ctxt, lambda _msg, _ctxt: Message(content, reply_to=msg))
+        checked = guard(msg, ctxt, lambda _msg, _ctxt: reply)
         return checked if checked.has_error() else reply
-
-
-def _without_confusion(content: RecordDict) -> RecordDict:
-    metrics = content.metric_records.get("metrics")
-    if metrics is None or CONFUSION_KEY not in metrics:
-        return content
-    counts, total = metrics[CONFUSION_KEY], metrics.get("num-examples")
-    if not (
-        isinstance(counts, list)
-        and len(counts) == NUM_CLASSES * NUM_CLASSES
-        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
-        and isinstance(total, int)
-        and sum(counts) == total
-    ):
-        raise GuardViolation(
-            f"Outgoing message blocked: metric '{CONFUSION_KEY}' is not {NUM_CLASSES}x{NUM_CLASSES} "
-            "counts summing to num-examples.",
-            kinds=("metric value",),
-        )
-    stripped = RecordDict(dict(content.items()))
-    stripped["metrics"] = MetricRecord({k: v for k, v in metrics.items() if k != CONFUSION_KEY})
-    return stripped
 
 
 def _ledger_key(content: RecordDict, ctxt: Context) -> str | None:
@@ -159,7 +132,15 @@ def _ledger_key(content: RecordDict, ctxt: Context) -> str | None:
     return key
 
 
-app = ClientApp(mods=[DeviceGuardMod(METRIC_ALLOWLIST, allow_ledger=True)])
+app = ClientApp(
+    mods=[
+        DeviceGuardMod(
+            METRIC_ALLOWLIST,
+            allow_ledger=True,
+            count_vectors={CONFUSION_KEY: NUM_CLASSES * NUM_CLASSES},
+        )
+    ]
+)
 
 _MODELS: dict[str, MultimodalEmotionNet] = {}
 

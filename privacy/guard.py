@@ -99,6 +99,9 @@ class OutgoingGuard:
         Whether the ``"privacy.ledger"`` ConfigRecord may be sent.
     ledger_public_key : Ed25519 key, key string or None
         If given, shipped ledger entries must be signed by this key.
+    count_vectors : Mapping[str, int] or None
+        Allowlisted metrics that may be a list: name → exact length; every item must be a
+        non-negative int (e.g. a confusion matrix of counts). Any other list is refused.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class OutgoingGuard:
         require_arrays: bool = False,
         allow_ledger: bool = True,
         ledger_public_key: PublicKeyLike | None = None,
+        count_vectors: Mapping[str, int] | None = None,
     ) -> None:
         self.expected = {
             str(key): (tuple(int(d) for d in shape), str(dtype))
@@ -121,6 +125,7 @@ class OutgoingGuard:
         self.metric_records = frozenset(metric_records)
         self.require_arrays = require_arrays
         self.allow_ledger = allow_ledger
+        self.count_vectors = dict(count_vectors or {})
         self._ledger_key_text = (
             None if ledger_public_key is None else public_key_to_string(ledger_public_key)
         )
@@ -211,6 +216,14 @@ class OutgoingGuard:
         for key, value in record.items():
             if key not in self.metric_allowlist:
                 found.append(Violation("metric", f"metric {_name(key)} not in allowlist"))
+            elif key in self.count_vectors and isinstance(value, list):
+                length = self.count_vectors[key]
+                if len(value) != length or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+                ):
+                    found.append(
+                        Violation("metric value", f"metric {_name(key)} is not {length} counts")
+                    )
             elif isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
                 found.append(Violation("metric value", f"metric {_name(key)} is not a scalar"))
             elif not math.isfinite(value):

@@ -269,3 +269,19 @@ def test_mod_requires_weights_only_for_train() -> None:
         reply = Message(_make_reply(arrays=None), reply_to=msg)
         out = OutgoingGuardMod(ALLOWLIST)(msg, _context(), lambda m, c, r=reply: r)
         assert out.has_error() is blocked
+
+
+def test_count_vectors_pass_only_as_exact_length_non_negative_ints() -> None:
+    """A declared count vector (a confusion matrix) may be a list; nothing else may."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from privacy.errors import GuardViolation
+    from privacy.guard import OutgoingGuard
+
+    guard = OutgoingGuard({}, {"confusion", "loss"}, count_vectors={"confusion": 4})
+    guard.check(RecordDict({"metrics": MetricRecord({"confusion": [1, 0, 2, 3], "loss": 0.5})}))
+    for bad in ([1, 0, 2], [1, 0, 2, -1], [0.5, 0.1, 0.2, 0.2]):
+        with pytest.raises(GuardViolation, match="not 4 counts"):
+            guard.check(RecordDict({"metrics": MetricRecord({"confusion": bad})}))
+    with pytest.raises(GuardViolation, match="not a scalar"):
+        guard.check(RecordDict({"metrics": MetricRecord({"loss": [0.1, 0.2]})}))
