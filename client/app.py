@@ -13,6 +13,9 @@ A training reply carries (``emofed.protocol``):
 * ``"metrics"``: exactly ``train_metric_keys(device_dp, user_dp)``;
 * ``"privacy.ledger"`` (device-level DP only): the device's whole signed chain.
 
+Under secure aggregation (``client.secagg``) the update is masked after the guard and
+no array leaves the device in the clear.
+
 A device that must not train answers with an error reply instead: ``ERROR_*`` codes
 of ``emofed.protocol``, with a one-line reason.
 """
@@ -49,6 +52,7 @@ from client.dp import (
     round_noise_multiplier,
     user_clipping_norm,
 )
+from client.secagg import secure_aggregation_mod
 from client.train import evaluate_local, select_device, train_local
 from emofed.config import MESSAGE_CONFIG_KEY, ConfigError, EmofedConfig, fingerprint, from_json
 from emofed.protocol import (
@@ -132,8 +136,11 @@ def _ledger_key(content: RecordDict, ctxt: Context) -> str | None:
     return key
 
 
+# The guard checks what the app answers; secure aggregation (outermost) then masks the
+# guarded update and drops every array, and answers the protocol's key-exchange stages.
 app = ClientApp(
     mods=[
+        secure_aggregation_mod,
         DeviceGuardMod(
             METRIC_ALLOWLIST,
             allow_ledger=True,

@@ -140,6 +140,23 @@ class UserDPConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (Flower's SecAgg+): the server learns only the sum of updates."""
+
+    enabled: bool = False
+    # Shares of each device's secrets: a value in (0, 1] is a share of the sampled devices,
+    # a value >= 3 a count (Flower's SecAggPlusWorkflow num_shares).
+    num_shares: float = 1.0
+    # Shares needed to reconstruct: (0, 1] a share of num_shares, >= 2 a count.
+    reconstruction_threshold: float = 0.6
+    # Updates are quantised coordinate-wise in [-clipping_range, clipping_range]; with
+    # user-level DP the clipping norm is used instead (no coordinate of a clipped update exceeds it).
+    clipping_range: float = 1.0
+    max_weight: float = 1000.0  # largest example count a device may weigh its update with
+    quantization_range: int = 4_194_304  # 2**22 levels per coordinate
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """Differential privacy: presets, the two DP levels, accounting and the ledger."""
 
@@ -150,6 +167,7 @@ class PrivacyConfig:
     server_key: str | None = None  # server ledger key; None: <output.dir>/.keys/server-ledger.key
     device: DeviceDPConfig = field(default_factory=DeviceDPConfig)
     user: UserDPConfig = field(default_factory=UserDPConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
 @dataclass(frozen=True)
@@ -272,6 +290,11 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "privacy.user.target_quantile": (0.0, 1.0),
     "privacy.user.clip_lr": (1e-4, 10.0),
     "privacy.user.clipped_count_stddev": (1e-6, 1e6),
+    "privacy.secagg.num_shares": (1e-3, 100_000),
+    "privacy.secagg.reconstruction_threshold": (1e-3, 100_000),
+    "privacy.secagg.clipping_range": (1e-6, 1e6),
+    "privacy.secagg.max_weight": (1.0, 1e9),
+    "privacy.secagg.quantization_range": (2, 2**30),
 }
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "privacy"
@@ -342,10 +365,35 @@ def _check_consistency(cfg: EmofedConfig) -> None:
             f"'privacy.delta' must be well below 1/devices for user-level DP "
             f"(at most {0.1 / cfg.devices:.3g} with devices={cfg.devices}). Found {cfg.privacy.delta}."
         )
+    _check_secagg(cfg)
     if cfg.strategy.min_train_devices > cfg.devices:
         raise ConfigError(
             f"'strategy.min_train_devices' must be at most devices={cfg.devices}. "
             f"Found {cfg.strategy.min_train_devices}."
+        )
+
+
+def _check_secagg(cfg: EmofedConfig) -> None:
+    sa = cfg.privacy.secagg
+    if not sa.enabled:
+        return
+    for key, value, low in (
+        ("num_shares", sa.num_shares, 3),
+        ("reconstruction_threshold", sa.reconstruction_threshold, 2),
+    ):
+        if value > 1 and (value != int(value) or value < low):
+            raise ConfigError(
+                f"'privacy.secagg.{key}' must be a share in (0, 1] or a whole count >= {low}. Found {value!r}."
+            )
+    if sa.num_shares > 1 and sa.reconstruction_threshold > 1 and sa.reconstruction_threshold >= sa.num_shares:
+        raise ConfigError(
+            f"'privacy.secagg.reconstruction_threshold' must be below num_shares={sa.num_shares:g}. "
+            f"Found {sa.reconstruction_threshold:g}."
+        )
+    if cfg.strategy.min_train_devices < 2:
+        raise ConfigError(
+            "'strategy.min_train_devices' must be at least 2 with secure aggregation "
+            f"(a sum of one update is that update). Found {cfg.strategy.min_train_devices}."
         )
 
 

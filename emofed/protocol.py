@@ -20,11 +20,8 @@ DEVICE_DP_METRICS = frozenset(
         "dp-sample-rate",  # Poisson sampling rate q of this round's DP-SGD
     }
 )
-USER_DP_METRICS = frozenset(
-    {
-        "update-clipped",  # 1 if the device's update was longer than the clipping norm
-    }
-)
+UPDATE_CLIPPED_KEY = "update-clipped"  # 1 if the device's update was longer than the clipping norm
+USER_DP_METRICS = frozenset({UPDATE_CLIPPED_KEY})
 
 # Error codes of a declined request (Flower's own codes are below 1000).
 ERROR_UNUSABLE_DATA = 1001

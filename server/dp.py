@@ -344,9 +344,7 @@ class UserLevelDP:
         ValueError
             If there are more updates than sampled devices.
         """
-        pending = self._pending.pop(server_round, None)
-        if pending is None:
-            raise RuntimeError(f"Round {server_round} was not begun: no release was committed for it.")
+        pending = self._take(server_round)
         m, norm = pending.sampled, pending.clipping_norm
         if len(updates) > m:
             raise ValueError(f"{len(updates)} updates for {m} sampled devices.")
@@ -364,6 +362,65 @@ class UserLevelDP:
             centred += int(not reported and length <= norm * (1 + NORM_TOLERANCE)) - 0.5
             for key, value in delta.items():
                 total[key] += value * scale
+        return self._release(server_round, pending, base, total, centred, len(updates))
+
+    def release_sum(
+        self,
+        server_round: int,
+        current: Mapping[str, np.ndarray],
+        total: Mapping[str, np.ndarray],
+        *,
+        aggregated: int,
+        unclipped: float,
+    ) -> UserRelease:
+        """The round's private aggregate from a securely computed sum of clipped updates.
+
+        Under secure aggregation the server sees only ``Σ Δ_i`` of the devices' own
+        clipped updates and ``Σ b_i``; it cannot re-clip, so the sensitivity C/m rests
+        on the devices clipping (as in Flower's client-side clipping). Noise, the fixed
+        denominator and the ledger are those of :meth:`release`.
+
+        Parameters
+        ----------
+        total : Mapping[str, np.ndarray]
+            ``Σ Δ_i`` over the ``aggregated`` devices whose masked vectors were summed.
+        unclipped : float
+            ``Σ b_i``, the number of those devices whose update was not clipped.
+
+        Raises
+        ------
+        RuntimeError
+            If the round was not begun.
+        ValueError
+            If more devices were aggregated than sampled.
+        """
+        pending = self._take(server_round)
+        if aggregated > pending.sampled:
+            raise ValueError(f"{aggregated} updates for {pending.sampled} sampled devices.")
+        base = {k: np.asarray(v, dtype=np.float64) for k, v in current.items()}
+        summed = {k: np.asarray(total[k], dtype=np.float64).reshape(v.shape) for k, v in base.items()}
+        return self._release(server_round, pending, base, summed, unclipped - 0.5 * aggregated, aggregated)
+
+    def abandon(self, server_round: int) -> None:
+        """Forget a begun round that releases nothing (secure aggregation failed)."""
+        self._pending.pop(server_round, None)
+
+    def _take(self, server_round: int) -> _Pending:
+        pending = self._pending.pop(server_round, None)
+        if pending is None:
+            raise RuntimeError(f"Round {server_round} was not begun: no release was committed for it.")
+        return pending
+
+    def _release(
+        self,
+        server_round: int,
+        pending: _Pending,
+        base: dict[str, np.ndarray],
+        total: dict[str, np.ndarray],
+        centred: float,
+        aggregated: int,
+    ) -> UserRelease:
+        m, norm = pending.sampled, pending.clipping_norm
         generator = self._generator(server_round)
         std = compute_stdv(pending.update_noise_multiplier, norm, m)
         arrays = {
@@ -373,7 +430,7 @@ class UserLevelDP:
         next_norm = norm
         extra: dict[str, float | int] = {
             "sampled_devices": m,
-            "aggregated_devices": len(updates),
+            "aggregated_devices": aggregated,
             "noise_std": std,
         }
         if pending.count_noise_stddev is not None:
@@ -405,7 +462,7 @@ class UserLevelDP:
         release = UserRelease(
             server_round=server_round,
             sampled=m,
-            aggregated=len(updates),
+            aggregated=aggregated,
             clipping_norm=norm,
             noise_multiplier=self.noise_multiplier,
             update_noise_multiplier=pending.update_noise_multiplier,
@@ -420,7 +477,7 @@ class UserLevelDP:
         logger.info(
             "Round %d user-level release: %d of %d sampled devices, C=%.4g, noise std %.3g, "
             "epsilon %.4f of %g%s",
-            server_round, len(updates), m, norm, std, epsilon, self.budget_epsilon,
+            server_round, aggregated, m, norm, std, epsilon, self.budget_epsilon,
             f", next C={next_norm:.4g}" if self.adaptive else "",
         )
         return release

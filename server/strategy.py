@@ -17,6 +17,11 @@ Privacy (``emofed.protocol`` is the contract with devices):
   is ``server.dp.UserLevelDP`` (clip, sum, divide by the devices sampled, add noise,
   account, sign) followed by the base strategy's server update. Flower's DP wrappers
   cannot wrap this strategy usefully; ``server.dp`` says why.
+
+Secure aggregation (``privacy.secagg.enabled``): the strategy runs on a
+``server.secagg.SecureAggregationGrid``, so a round's training replies carry only
+metrics, the ledger and a masked vector; the screen checks those before unmasking, and
+aggregation starts from the unmasked sum of updates instead of per-device arrays.
 """
 
 from __future__ import annotations
@@ -37,11 +42,14 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from emofed.config import EmofedConfig
+from emofed.config import EmofedConfig, SecAggConfig
 from emofed.protocol import (
     CLIPPING_NORM_KEY,
     ERROR_BUDGET_EXHAUSTED,
@@ -54,6 +62,7 @@ from privacy.guard import LEDGER_RECORD, read_ledger_record
 from privacy.ledger_format import parse_line
 from privacy.ledger_store import LedgerStore
 from server.dp import PrivacyBudgetStop, UserLevelDP
+from server.secagg import SecureAggregationGrid
 
 logger = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
@@ -84,6 +93,7 @@ class RoundLog:
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     user_epsilon: float | None = None  # federation's cumulative ε after this round
     clipping_norm: float | None = None  # C of this round's user-level release
+    secure_sum: int | None = None  # secure aggregation: devices in the unmasked sum
 
 
 def _finite_number(value: Any) -> bool:
@@ -131,6 +141,45 @@ def screen_train_reply(
             return f"array '{key}' holds NaN or infinity"
     reason = _screen_metrics(metrics[METRICS_KEY], train_metric_keys(device_dp, user_dp))
     return reason or _screen_privacy_metrics(metrics[METRICS_KEY])
+
+
+def screen_secure_train_reply(
+    content: RecordDict,
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+    *,
+    device_dp: bool = False,
+    user_dp: bool = False,
+) -> str | None:
+    """Why a SecAgg+ training reply cannot be summed, or None if it can.
+
+    Such a reply (``client.secagg``) carries no array, the legacy ``fitres.*`` records
+    Flower's workflow reads, the metrics (without ``update-clipped``, which travels in
+    the masked vector), the ledger under device-level DP, and a masked vector whose
+    shapes must be ``[(1,)] + expected (+ [(1,)] under user-level DP)``: a malformed
+    vector would otherwise break the sum for every device.
+    """
+    if any(len(record) for record in content.array_records.values()):
+        return "a secure-aggregation reply must carry no unmasked arrays"
+    if sorted(content.metric_records) != sorted([METRICS_KEY, "fitres.num_examples"]):
+        return f"unexpected MetricRecords {sorted(content.metric_records)}"
+    allowed = {"fitres.metrics", "fitres.status", RECORD_KEY_CONFIGS} | ({LEDGER_RECORD} if device_dp else set())
+    configs = set(content.config_records)
+    if configs != allowed:
+        if device_dp and LEDGER_RECORD not in configs:
+            return f"the device's ledger record '{LEDGER_RECORD}' is missing (device-level DP is on)"
+        return f"unexpected or missing ConfigRecord(s): {sorted(configs ^ allowed)}"
+    masked = content.config_records[RECORD_KEY_CONFIGS].get(SecAggKey.MASKED_PARAMETERS)
+    want = [(1,)] + [shape for shape, _ in expected.values()] + ([(1,)] if user_dp else [])
+    if not isinstance(masked, list) or len(masked) != len(want):
+        return f"masked vector must hold {len(want)} arrays"
+    try:
+        shapes = [tuple(bytes_to_ndarray(b).shape) for b in masked]
+    except Exception:  # noqa: BLE001 - any undecodable payload is refused the same way
+        return "masked vector is not a list of arrays"
+    if shapes != [tuple(s) for s in want]:
+        return "masked vector shapes differ from the global model's"
+    reason = _screen_metrics(content.metric_records[METRICS_KEY], train_metric_keys(device_dp, False))
+    return reason or _screen_privacy_metrics(content.metric_records[METRICS_KEY])
 
 
 def _screen_privacy_metrics(metrics: MetricRecord) -> str | None:
@@ -288,6 +337,43 @@ class ScreenedStrategy:
     _server_optimizer: Strategy | None
     _current: dict[str, np.ndarray]
     _node_scopes: dict[int, str]
+    secagg: SecAggConfig | None
+    _round: int
+    _secure_grid: SecureAggregationGrid | None
+
+    def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Any:
+        """Flower's round loop; under secure aggregation on a SecAgg+ grid."""
+        if self.secagg is not None:
+            grid = self._secure_grid = SecureAggregationGrid(
+                grid,
+                self.secagg,
+                screen=self._check_train_secure,
+                on_refused=self._refused,
+                clipping_range=self._secagg_range,
+                max_weight=1.0 if self.user_dp is not None else self.secagg.max_weight,
+            )
+        return super().start(grid, *args, **kwargs)  # type: ignore[misc]
+
+    def _secagg_range(self, server_round: int) -> float:
+        if self.user_dp is not None:
+            # A clipped update has no coordinate above C; the tolerance covers float error.
+            return float(self.user_dp.clipping_norm) * (1 + 1e-6)
+        return float(self.secagg.clipping_range)  # type: ignore[union-attr]
+
+    def _refused(self, reply: Message, reason: str) -> None:
+        server_round = int(reply.metadata.group_id or 0) or self._round
+        node = reply.metadata.src_node_id
+        self._log(server_round).failures.append(f"train node {node}: {reason}")
+        logger.warning("Round %d: train reply of node %d dropped before unmasking: %s", server_round, node, reason)
+
+    def _check_train_secure(self, reply: Message) -> str | None:
+        if self.device_dp and LEDGER_RECORD in reply.content.config_records:
+            reason = self._store_ledger(reply.metadata.src_node_id, reply.content.config_records[LEDGER_RECORD])
+            if reason is not None:
+                return reason
+        return screen_secure_train_reply(
+            reply.content, self._expected, device_dp=self.device_dp, user_dp=self.user_dp is not None
+        )
 
     def _log(self, server_round: int) -> RoundLog:
         return self.round_logs.setdefault(server_round, RoundLog())
@@ -296,6 +382,7 @@ class ScreenedStrategy:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._stop_if_every_device_declined(server_round)
+        self._round = server_round
         if not self._expected:
             # The first global model fixes the protocol: every later round sends and
             # accepts exactly these keys, shapes and dtypes.
@@ -306,6 +393,7 @@ class ScreenedStrategy:
         if self.user_dp is not None and messages:
             # Messages are built but not sent yet: past the budget, nothing goes out.
             self.user_dp.begin_round(server_round, sampled=len(messages))
+        if messages and (self.user_dp is not None or self.secagg is not None):
             self._current = {k: a.numpy() for k, a in arrays.items()}
         self._log(server_round).train_sent = len(messages)
         return messages
@@ -386,6 +474,11 @@ class ScreenedStrategy:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.secagg is not None:
+            # Screened before unmasking (SecureAggregationGrid); errors are sorted here.
+            kept = self._screen(server_round, replies, lambda _reply: None, "train")
+            self._log(server_round).train_ok = len(kept)
+            return self._aggregate_secure(server_round, kept)
         kept = self._screen(server_round, replies, self._check_train, "train")
         log = self._log(server_round)
         log.train_ok = len(kept)
@@ -427,6 +520,49 @@ class ScreenedStrategy:
             metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)  # type: ignore[attr-defined]
             log.train_metrics = dict(metrics)
         return arrays, metrics
+
+    def _aggregate_secure(
+        self, server_round: int, kept: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        log = self._log(server_round)
+        outcome = self._secure_grid.sums.get(server_round) if self._secure_grid is not None else None
+        contents = [reply.content for reply in kept]
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None  # type: ignore[attr-defined]
+        if metrics is not None:
+            log.train_metrics = dict(metrics)
+        if outcome is None or not outcome.ok or outcome.mean is None:
+            if self.user_dp is not None:
+                self.user_dp.abandon(server_round)  # nothing is released, nothing is spent
+            where = outcome.halted_at if outcome is not None and outcome.halted_at else "unmask"
+            log.failures.append(
+                f"secure aggregation failed at the {where} stage: fewer devices than the "
+                "reconstruction threshold; the global model is unchanged"
+            )
+            return None, metrics
+        log.secure_sum = len(outcome.contributors)
+        keys = list(self._expected)
+        mean = outcome.mean
+        if len(mean) != len(keys) + (1 if self.user_dp is not None else 0):
+            raise RuntimeError(f"secure sum has {len(mean)} arrays for {len(keys)} model arrays")
+        if self.user_dp is not None:
+            # Weights are 1, so the weighted mean times the contributors is the sum.
+            n = len(outcome.contributors)
+            norm = self.user_dp.clipping_norm
+            total = {k: np.asarray(v, dtype=np.float64) * n for k, v in zip(keys, mean, strict=False)}
+            clipped = float(np.asarray(mean[-1]).reshape(-1)[0]) * n / norm
+            release = self.user_dp.release_sum(
+                server_round, self._current, total, aggregated=n, unclipped=n - clipped
+            )
+            log.user_epsilon = release.epsilon
+            log.clipping_norm = release.clipping_norm
+            new = release.arrays
+        else:
+            new = {
+                k: self._current[k].astype(np.float64) + np.asarray(v, dtype=np.float64).reshape(self._current[k].shape)
+                for k, v in zip(keys, mean, strict=True)
+            }
+        model = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()})
+        return _cast_to_spec(self._server_step(server_round, model), self._expected), metrics
 
     def _server_step(self, server_round: int, model: ArrayRecord) -> ArrayRecord:
         """The base strategy's server update applied to the private aggregate.
@@ -526,9 +662,15 @@ def build_strategy(
     strategy.device_dp = cfg.privacy.device.enabled
     strategy.user_dp = user_dp
     strategy.ledger = ledger
+    secagg = cfg.privacy.secagg if cfg.privacy.secagg.enabled else None
     strategy._server_optimizer = (
-        base(**{**kwargs, "train_metrics_aggr_fn": _no_train_metrics}) if user_dp is not None else None
+        base(**{**kwargs, "train_metrics_aggr_fn": _no_train_metrics})
+        if user_dp is not None or secagg is not None
+        else None
     )
+    strategy.secagg = secagg
+    strategy._round = 0
+    strategy._secure_grid = None
     strategy._current = {}
     strategy._node_scopes = {}
     return strategy

@@ -149,3 +149,25 @@ def test_privacy_presets_round_trip_through_json() -> None:
     cfg = load_config(None, ["privacy.preset=research", "privacy.device.epsilon=5"])
     again = from_json(to_json(cfg))
     assert again == cfg and again.privacy.device.epsilon == 5.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["privacy.secagg.num_shares=2.5"], "whole count >= 3"),
+        (["privacy.secagg.reconstruction_threshold=1.5"], "whole count >= 2"),
+        (["privacy.secagg.num_shares=4", "privacy.secagg.reconstruction_threshold=4"], "below num_shares=4"),
+        (["strategy.min_train_devices=1"], "at least 2 with secure aggregation"),
+    ],
+)
+def test_secagg_settings_are_checked(overrides: list[str], message: str) -> None:
+    """Shares, threshold and the minimum number of devices are checked with one-line errors."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["privacy.secagg.enabled=true", *overrides])
+
+
+def test_secagg_counts_and_shares_accepted() -> None:
+    """Counts and shares both load, and secure aggregation is off by default."""
+    assert not load_config(None, []).privacy.secagg.enabled
+    cfg = load_config(None, ["privacy.secagg.enabled=true", "privacy.secagg.num_shares=5", "privacy.secagg.reconstruction_threshold=3"])
+    assert (cfg.privacy.secagg.num_shares, cfg.privacy.secagg.reconstruction_threshold) == (5, 3)
