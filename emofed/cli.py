@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -63,7 +63,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     # Heavy imports only after the configuration is known to be good.
     from client.data import FederationFolderError, read_federation
-    from server.report import format_table
     from simulations.runner import SimulationError, run_simulation
 
     try:
@@ -79,14 +78,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return _fail(str(err))
 
     print(f"{PROGRESS_PREFIX} starting a local SuperLink and Ray (takes ~20 s) ...", flush=True)
-
-    def on_line(line: str) -> None:
-        clean = _ANSI.sub("", line)
-        if args.verbose:
-            print(clean, flush=True)
-        elif clean.startswith(PROGRESS_PREFIX) or "ERROR" in clean or clean.startswith(("Traceback", "  File")):
-            print(clean, flush=True)
-
+    on_line = make_line_printer(args.verbose)
     started = time.monotonic()
     # A terminated CLI must still stop the SuperLink and Ray it started: turn SIGTERM into
     # an exception so the runner's clean-up runs, as it does for Ctrl-C.
@@ -97,6 +89,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return _fail(str(err), code=1)
     except KeyboardInterrupt:
         return _fail(f"interrupted; partial output (if any) in {run_dir}.incomplete", code=130)
+    print_run_result(result.run_dir, started)
+    return 0
+
+
+def make_line_printer(verbose: bool) -> Callable[[str], None]:
+    """Print the progress lines (or, verbose, every line) of a Flower log stream."""
+
+    def on_line(line: str) -> None:
+        clean = _ANSI.sub("", line)
+        if verbose:
+            print(clean, flush=True)
+        elif clean.startswith(PROGRESS_PREFIX) or "ERROR" in clean or clean.startswith(("Traceback", "  File")):
+            print(clean, flush=True)
+
+    return on_line
+
+
+def print_run_result(run_dir: Path, started: float) -> None:
+    """The per-round table, final figures, privacy spent and where the run went."""
+    from server.report import format_table
+
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     print()
     print(format_table(rows))
@@ -118,10 +131,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             )
     if summary.get("status") != "complete":
         print(f"stopped after {summary.get('rounds_completed')} of {summary.get('rounds')} rounds: {summary.get('stop_reason')}")
-    print(f"run directory: {result.run_dir}")
+    print(f"run directory: {run_dir}")
     if privacy.get("ledger"):
-        print(f"audit it with: emofed audit {result.run_dir}")
-    return 0
+        print(f"audit it with: emofed audit {run_dir}")
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -228,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print the resolved configuration")
     _add_config_args(show)
     show.set_defaults(func=cmd_config_show)
+
+    from emofed.cli_deploy import add_deploy_parsers
+
+    add_deploy_parsers(sub, _add_config_args)
     return parser
 
 

@@ -20,6 +20,7 @@ from emofed.config import MESSAGE_CONFIG_KEY, EmofedConfig, load_config, to_json
 from models import build_model, get_state, shared_state_keys
 from privacy.ledger_store import LedgerStore
 from server.dp import PrivacyBudgetStop, UserLevelDP
+from server.grids import ENROLLED_NODES_KEY, EnrolledGrid, parse_enrolled
 from server.report import PROGRESS_PREFIX, plot_curves
 from server.rundir import PLOT_FILE, RunDirectory
 from server.strategy import RoundLog, build_strategy
@@ -203,6 +204,10 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = RunDirectory(final_path)
     logger.info("Run directory (while running): %s", run_dir.path)
     try:
+        if context.run_config.get(ENROLLED_NODES_KEY):
+            enrolled = parse_enrolled(context.run_config[ENROLLED_NODES_KEY])
+            logger.info("Deployment: %d enrolled devices; any other node is ignored", len(enrolled))
+            grid = EnrolledGrid(grid, enrolled)
         _run(grid, cfg, run_dir)
     except BaseException as err:
         reason = "".join(traceback.format_exception_only(type(err), err)).strip()

@@ -43,6 +43,7 @@ from flwr.serverapp import Grid
 
 from emofed.config import SecAggConfig
 from emofed.protocol import SERVER_ROUND_KEY
+from server.grids import DelegatingGrid
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class _StrategyShim:
         return None, {}
 
 
-class SecureAggregationGrid(Grid):
+class SecureAggregationGrid(DelegatingGrid):
     """A ``Grid`` that runs each batch of training messages through SecAgg+.
 
     Parameters
@@ -132,7 +133,7 @@ class SecureAggregationGrid(Grid):
         clipping_range: Callable[[int], float],
         max_weight: float,
     ) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.settings = settings
         self._screen = screen
         self._on_refused = on_refused
@@ -141,28 +142,6 @@ class SecureAggregationGrid(Grid):
         self.sums: dict[int, SecureSum] = {}
         self._stage = ""
         self._stage_replies: list[Message] = []
-
-    # -- Grid interface: everything but training passes straight through ----------
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Send messages; a batch of training messages goes through SecAgg+."""
