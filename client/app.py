@@ -41,7 +41,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.data import FederationFolderError, UnusableDeviceData, load_device_data
+from client.data import DeviceData, FederationFolderError, UnusableDeviceData, load_device_data
 from client.dp import (
     DevicePrivacy,
     DeviceStore,
@@ -52,17 +52,29 @@ from client.dp import (
     round_noise_multiplier,
     user_clipping_norm,
 )
+from client.personal import (
+    PERSONAL_OBJECT,
+    existing_device_store,
+    open_device_store,
+    personal_arrays_in,
+    personalise,
+)
 from client.secagg import secure_aggregation_mod
+from client.store import StoreError
 from client.train import evaluate_local, select_device, train_local
 from emofed.config import MESSAGE_CONFIG_KEY, ConfigError, EmofedConfig, fingerprint, from_json
 from emofed.protocol import (
     DEVICE_DP_METRICS,
     ERROR_BAD_REQUEST,
     ERROR_BUDGET_EXHAUSTED,
+    ERROR_HELDOUT,
     ERROR_TRAINING_FAILED,
     ERROR_UNUSABLE_DATA,
     EVAL_METRICS,
+    PERSONAL_ACCURACY_KEY,
+    PERSONAL_EVAL_METRICS,
     SERVER_ROUND_KEY,
+    SKIPPED_METRICS,
     TRAIN_METRICS,
     USER_DP_METRICS,
 )
@@ -86,7 +98,9 @@ __all__ = [
 ]
 
 # Every metric a reply may carry; the handlers send exactly the protocol's set per reply.
-METRIC_ALLOWLIST = TRAIN_METRICS | DEVICE_DP_METRICS | USER_DP_METRICS | EVAL_METRICS
+METRIC_ALLOWLIST = (
+    TRAIN_METRICS | DEVICE_DP_METRICS | USER_DP_METRICS | EVAL_METRICS | PERSONAL_EVAL_METRICS
+)
 CONFUSION_KEY = "confusion"
 
 
@@ -96,6 +110,9 @@ class DeviceGuardMod(OutgoingGuardMod):
     One mod serves every device of a (simulation) process, so the key that shipped
     ledger entries must be signed with (this device's, read from its store; the
     record's ``public_key`` must be it) is looked up after the ClientApp answered.
+    A reply array equal to one of the device's personal layers (``client.personal``)
+    is refused too: the global version of a personal module has the same name and
+    shape, so only the values can tell a personal layer leaking out.
     Everything else, including evaluation's ``confusion`` counts (``count_vectors``),
     is the base guard's.
     """
@@ -109,6 +126,7 @@ class DeviceGuardMod(OutgoingGuardMod):
             return reply
         try:
             key = _ledger_key(reply.content, ctxt)
+            _no_personal_layers(reply.content, ctxt)
         except GuardViolation as err:
             logger.error("%s", err)
             return self._blocked(msg, "privacy guard blocked the reply: " + ", ".join(err.kinds))
@@ -116,6 +134,29 @@ class DeviceGuardMod(OutgoingGuardMod):
         guard = OutgoingGuardMod(self.metric_allowlist, **kwargs)
         checked = guard(msg, ctxt, lambda _msg, _ctxt: reply)
         return checked if checked.has_error() else reply
+
+
+def _no_personal_layers(content: RecordDict, ctxt: Context) -> None:
+    if not any(len(record) for record in content.array_records.values()):
+        return
+    try:
+        store = existing_device_store(ctxt)
+        personal = None
+        if store is not None:
+            with store:
+                personal = store.get_arrays(PERSONAL_OBJECT) if PERSONAL_OBJECT in store else None
+    except (OSError, ValueError, StoreError) as err:
+        # Fail closed: a device that cannot read its personal layers cannot tell them apart.
+        raise GuardViolation(
+            f"Outgoing message blocked: the device's store is unusable ({err}).",
+            kinds=("personal layer",),
+        ) from None
+    leaked = personal_arrays_in(content, personal) if personal else []
+    if leaked:
+        raise GuardViolation(
+            f"Outgoing message blocked: array(s) {sorted(leaked)[:4]} hold the device's personal layers.",
+            kinds=("personal layer",),
+        )
 
 
 def _ledger_key(content: RecordDict, ctxt: Context) -> str | None:
@@ -205,8 +246,26 @@ def _handle(msg: Message, context: Context, *, train: bool) -> Message:
         model = _model(cfg, arrays)
         device = select_device(cfg.runtime)
         if train:
+            if data.heldout:
+                return _error_reply(
+                    msg, ERROR_HELDOUT, f"{data.device_id} is a held-out device: it evaluates, never trains"
+                )
             return _train(cfg, msg, context, model, arrays, data.train, device)
         metrics = _evaluate(cfg, model, data.test, device)
+        if cfg.personal.enabled:
+            with open_device_store(context) as store:
+                metrics[PERSONAL_ACCURACY_KEY] = personalise(
+                    model,
+                    data.train,
+                    data.test,
+                    store,
+                    cfg=cfg.personal,
+                    batch_size=cfg.train.batch_size,
+                    aux_weight=cfg.model.fusion.aux_weight,
+                    device=device,
+                    seed=_seed(cfg, msg, context),
+                )
+        metrics.update(heldout_and_skips(data))
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     except (UnusableDeviceData, FederationFolderError) as err:
         return _error_reply(msg, ERROR_UNUSABLE_DATA, f"unusable device data: {err}")
@@ -218,7 +277,7 @@ def _handle(msg: Message, context: Context, *, train: bool) -> Message:
         return _error_reply(msg, ERROR_BAD_REQUEST, f"{type(err).__name__}: {err}")
     except FloatingPointError as err:
         return _error_reply(msg, ERROR_TRAINING_FAILED, str(err))
-    except OSError as err:
+    except (OSError, StoreError) as err:
         return _error_reply(msg, ERROR_TRAINING_FAILED, f"device store unusable: {err}")
 
 
@@ -319,6 +378,21 @@ def _evaluate(
     return metrics
 
 
+def heldout_and_skips(data: DeviceData) -> dict[str, int]:
+    """The ``heldout`` flag and ``skipped-*`` counts of an evaluation reply (counts only).
+
+    Skip reasons are grouped by modality from their prefix (``face: ...``,
+    ``face/...``); anything else (unreadable lines, unknown labels, samples with
+    nothing usable) is ``skipped-other``. The reasons themselves stay in the device's log.
+    """
+    counts = dict.fromkeys(SKIPPED_METRICS, 0)
+    for reason, n in data.skipped.items():
+        modality = reason.replace("/", ":").split(":", 1)[0].strip()
+        key = f"skipped-{modality}"
+        counts[key if key in counts else "skipped-other"] += int(n)
+    return {"heldout": int(data.heldout), **counts}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the shared layers on this device's training split (DP-SGD under device DP)."""
@@ -327,5 +401,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this device's test split."""
+    """Evaluate the global model on this device's test split.
+
+    With personal layers on, the device first fine-tunes them (``client.personal``) and
+    also reports the personalised model's accuracy on the same split.
+    """
     return _handle(msg, context, train=False)

@@ -5,11 +5,16 @@ the seed) and a federation folder, the on-disk layout below, which is also what 
 device keeps and what the corpus importers write::
 
     DIR/
-      federation.json        {"format": "emofed-federation/1", "devices": [...], ...}
+      federation.json        {"format": "emofed-federation/1", "devices": [...],
+                              "heldout": [...] (optional), ...}
       <device-id>/
         samples.jsonl        {"id", "label", "split": "train"|"test", "face", "voice", "text"}
         face/*.png           paths in samples.jsonl are relative to the device folder
         voice/*.wav
+
+Devices listed under ``heldout`` (the importers' identity-disjoint test population) are
+test-only: in simulation they follow the training devices in partition order, never
+train, and evaluate the global model on every one of their samples.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class DeviceData:
     test: TensorDataset
     skipped: Counter[str] = field(default_factory=Counter)
     face_fallbacks: int = 0
+    heldout: bool = False  # a test-only device of the held-out population: never trains
 
     @property
     def num_train(self) -> int:
@@ -86,10 +92,20 @@ def read_federation(path: str | Path) -> dict[str, Any]:
     devices = meta.get("devices")
     if not isinstance(devices, list) or not devices or not all(isinstance(d, str) for d in devices):
         raise FederationFolderError(f"{index}: 'devices' must be a non-empty list of folder names")
-    missing = [d for d in devices if not (root / d).is_dir()]
+    heldout = meta.get("heldout", [])
+    if not isinstance(heldout, list) or not all(isinstance(d, str) for d in heldout):
+        raise FederationFolderError(f"{index}: 'heldout' must be a list of folder names")
+    if set(heldout) & set(devices):
+        raise FederationFolderError(f"{index}: a device is listed under both 'devices' and 'heldout'")
+    missing = [d for d in [*devices, *heldout] if not (root / d).is_dir()]
     if missing:
         raise FederationFolderError(f"{index}: device folders missing: {', '.join(missing[:5])}")
     return meta
+
+
+def heldout_devices(meta: Mapping[str, Any]) -> list[str]:
+    """The test-only devices of a checked federation index (empty when it has none)."""
+    return list(meta.get("heldout", []))
 
 
 def read_device_folder(folder: str | Path) -> tuple[list[RawSample], list[RawSample], Counter[str]]:
@@ -225,12 +241,17 @@ def load_device_data(cfg: EmofedConfig, node_config: Mapping[str, Any]) -> Devic
     elif cfg.data.source == "folder":
         meta = read_federation(cfg.data.path or "")
         pid = int(node_config["partition-id"])
-        if pid >= len(meta["devices"]):
-            raise UnusableDeviceData(
-                f"partition {pid} has no device: the federation has {len(meta['devices'])}"
-            )
-        device_id = meta["devices"][pid]
+        # Training devices first, then the held-out ones (emofed simulate starts both).
+        names = [*meta["devices"], *heldout_devices(meta)]
+        if pid >= len(names):
+            raise UnusableDeviceData(f"partition {pid} has no device: the federation has {len(names)}")
+        device_id = names[pid]
         train_raw, test_raw, skipped = read_device_folder(Path(cfg.data.path or "") / device_id)
+        if pid >= len(meta["devices"]):
+            # Every sample of a held-out device is for evaluation, whatever its split says.
+            data = preprocess_device(cfg, device_id, [], train_raw + test_raw, skipped, heldout=True)
+            _CACHE[key] = data
+            return data
     else:
         # Imported lazily: the synthetic generator exists only in simulation.
         from simulations.synthetic import SyntheticFederation
@@ -252,13 +273,18 @@ def preprocess_device(
     train_raw: list[RawSample],
     test_raw: list[RawSample],
     skipped: Counter[str] | None = None,
+    *,
+    heldout: bool = False,
 ) -> DeviceData:
     """Preprocess raw samples with the model's preprocessing (the same as for real data).
+
+    A ``heldout`` device is test-only: it needs no training sample.
 
     Raises
     ------
     UnusableDeviceData
-        If nothing usable is left in the train or the test split.
+        If nothing usable is left in the test split, or (unless ``heldout``) in the
+        train split.
     """
     skipped = Counter(skipped or {})
     preprocess = MultimodalPreprocessor(cfg.model)
@@ -269,11 +295,11 @@ def preprocess_device(
     fallbacks = train_report.faces_not_detected + test_report.faces_not_detected
     if skipped:
         logger.info("%s: skipped %s", device_id, dict(skipped))
-    if len(train) == 0:
+    if len(train) == 0 and not heldout:
         raise UnusableDeviceData(f"{device_id}: no usable training sample ({_reasons(skipped)})")
     if len(test) == 0:
         raise UnusableDeviceData(f"{device_id}: no usable test sample ({_reasons(skipped)})")
-    return DeviceData(device_id, train, test, skipped, fallbacks)
+    return DeviceData(device_id, train, test, skipped, fallbacks, heldout)
 
 
 def _reasons(skipped: Counter[str]) -> str:

@@ -73,6 +73,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 print(f"{PROGRESS_PREFIX} data folder holds {len(meta['devices'])} devices; using devices={len(meta['devices'])}")
                 overrides.append(f"devices={len(meta['devices'])}")
                 cfg = dataclasses.replace(cfg, devices=len(meta["devices"]))
+            if meta.get("heldout"):
+                print(f"{PROGRESS_PREFIX} plus {len(meta['heldout'])} held-out devices: evaluated every round, never trained")
         run_dir = _run_name(cfg)
     except (ConfigError, FederationFolderError) as err:
         return _fail(str(err))
@@ -108,7 +110,7 @@ def make_line_printer(verbose: bool) -> Callable[[str], None]:
 
 def print_run_result(run_dir: Path, started: float) -> None:
     """The per-round table, final figures, privacy spent and where the run went."""
-    from server.report import format_table
+    from server.report import format_personalisation, format_table
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     print()
@@ -121,6 +123,16 @@ def print_run_result(run_dir: Path, started: float) -> None:
         f"{_num(final.get('macro_f1'))} on the devices' test splits "
         f"(chance {1 / 7:.3f}); wall time {time.monotonic() - started:.0f} s"
     )
+    heldout = summary.get("heldout")
+    if heldout:
+        print(
+            f"held-out devices ({heldout.get('devices')} never trained, {heldout.get('examples')} samples): "
+            f"accuracy {_num(heldout.get('accuracy'))}, macro-F1 {_num(heldout.get('macro_f1'))}, "
+            f"UAR {_num(heldout.get('uar'))}"
+        )
+    personal_line = format_personalisation(summary.get("personalisation"))
+    if personal_line:
+        print(personal_line)
     privacy = summary.get("privacy") or {}
     for level, scope in (("device", "per device, largest"), ("user", "federation")):
         section = privacy.get(level) or {}
@@ -222,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(synth)
     synth.add_argument("--out", "-o", required=True, help="output folder (must not exist)")
     synth.set_defaults(func=cmd_data_synth)
+    from simulations.importers.cli import add_import_parser, add_pair_parser
+
+    add_import_parser(data_sub)
+    add_pair_parser(data_sub)
 
     audit = sub.add_parser(
         "audit",

@@ -98,6 +98,28 @@ class TrainConfig:
     max_grad_norm: float | None = 5.0  # plain gradient clipping for stability; None: off
 
 
+# Modules of the network of which a device can keep its own version (all of them act on
+# the modality embeddings, so fine-tuning them never runs the encoders backwards).
+PERSONAL_LAYERS: tuple[str, ...] = ("head", "aux_heads", "fusion")
+
+
+@dataclass(frozen=True)
+class PersonalConfig:
+    """Personal layers: each device's own version of some modules, never sent anywhere.
+
+    The global model keeps every module; a device fine-tunes its own copy of the listed
+    ones on its training split (Ditto: Li et al., 2021, "Ditto: Fair and Robust Federated
+    Learning Through Personalization", eq. 2, with a proximal pull towards the global
+    version) and keeps it in its encrypted store.
+    """
+
+    enabled: bool = True
+    layers: list[str] = field(default_factory=lambda: ["head"])  # subset of PERSONAL_LAYERS
+    epochs: int = 5  # fine-tuning epochs over the training split at every evaluation
+    lr: float = 0.01  # Adam learning rate of the fine-tuning
+    prox: float = 1.0  # lambda of the proximal term (lambda/2)||v - w_global||^2; 0: none
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     """Server-side aggregation (Flower strategies)."""
@@ -206,6 +228,7 @@ class EmofedConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -276,6 +299,9 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "strategy.beta_2": (0.0, 0.99999),
     "strategy.tau": (1e-12, 1.0),
     "strategy.round_timeout_s": (1.0, 86_400.0),
+    "personal.epochs": (1, 1000),
+    "personal.lr": (1e-7, 10.0),
+    "personal.prox": (0.0, 100.0),
     "simulation.cpus_per_device": (1, 1024),
     "simulation.gpus_per_device": (0.0, 64.0),
     "simulation.startup_timeout_s": (5.0, 3600.0),
@@ -366,10 +392,29 @@ def _check_consistency(cfg: EmofedConfig) -> None:
             f"(at most {0.1 / cfg.devices:.3g} with devices={cfg.devices}). Found {cfg.privacy.delta}."
         )
     _check_secagg(cfg)
+    _check_personal(cfg)
     if cfg.strategy.min_train_devices > cfg.devices:
         raise ConfigError(
             f"'strategy.min_train_devices' must be at most devices={cfg.devices}. "
             f"Found {cfg.strategy.min_train_devices}."
+        )
+
+
+def _check_personal(cfg: EmofedConfig) -> None:
+    layers = cfg.personal.layers
+    for layer in layers:
+        if layer not in PERSONAL_LAYERS:
+            raise ConfigError(
+                f"'personal.layers' items must be among {', '.join(PERSONAL_LAYERS)}. Found {layer!r}."
+            )
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"'personal.layers' must not repeat a layer. Found {list(layers)}.")
+    if cfg.personal.enabled and not layers:
+        raise ConfigError("'personal.layers' must name at least one layer when personal.enabled=true. Found [].")
+    if cfg.personal.enabled and "fusion" in layers and cfg.model.fusion.kind == "mean":
+        raise ConfigError(
+            "'personal.layers' may not hold 'fusion' with model.fusion.kind=mean (it has no weights). "
+            f"Found {list(layers)}."
         )
 
 

@@ -28,6 +28,7 @@ ERROR_UNUSABLE_DATA = 1001
 ERROR_BAD_REQUEST = 1002
 ERROR_TRAINING_FAILED = 1003
 ERROR_BUDGET_EXHAUSTED = 1004  # the device's privacy budget cannot pay for this round
+ERROR_HELDOUT = 1005  # a held-out (test-only) device never trains
 
 
 def train_metric_keys(device_dp: bool, user_dp: bool) -> frozenset[str]:
@@ -40,10 +41,27 @@ def train_metric_keys(device_dp: bool, user_dp: bool) -> frozenset[str]:
     return frozenset(keys)
 
 # Evaluation metrics every device sends (per modality: the fused path with only that sensor).
+# "heldout" is 1 on a test-only device of the held-out population, else 0; "skipped-*"
+# count the device's samples (or one modality of them) it could not use, by modality
+# ("skipped-other": unreadable lines, unknown labels, samples with nothing usable).
+SKIPPED_METRICS = ("skipped-face", "skipped-voice", "skipped-text", "skipped-other")
 EVAL_METRICS = frozenset(
-    {"num-examples", "loss", "accuracy", "confusion"}
+    {"num-examples", "loss", "accuracy", "confusion", "heldout", *SKIPPED_METRICS}
     | {f"{m}-{kind}" for m in ("face", "voice", "text") for kind in ("correct", "total")}
 )
+# With personal layers on (``personal.enabled``): the personalised model's accuracy on
+# the same test split; ``accuracy`` stays the global model's.
+PERSONAL_ACCURACY_KEY = "personal-accuracy"
+PERSONAL_EVAL_METRICS = frozenset({PERSONAL_ACCURACY_KEY})
+
+
+def eval_metric_keys(personal: bool) -> frozenset[str]:
+    """The exact metric keys of an evaluation reply, with or without personal layers."""
+    return EVAL_METRICS | PERSONAL_EVAL_METRICS if personal else EVAL_METRICS
+
+# Of those, the ones a coordinator accepts missing (read as 0): a device that predates
+# held-out evaluation is a training device that reported no skips.
+EVAL_OPTIONAL_METRICS = frozenset({"heldout", *SKIPPED_METRICS})
 
 # Run-config key (simulation only): where simulated devices keep their own stores.
 DEVICE_ROOT_KEY = "device-root"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import sys
@@ -133,6 +134,23 @@ class RoundReporter:
             "failed_devices": len(log.failures),
             "failures": log.failures,
             "confusion": ev.get("confusion"),
+            "uar": ev.get("uar"),
+            # the global model on the held-out (test-only, unseen) devices
+            "heldout_loss": log.heldout_metrics.get("loss"),
+            "heldout_accuracy": log.heldout_metrics.get("accuracy"),
+            "heldout_macro_f1": log.heldout_metrics.get("macro-f1"),
+            "heldout_uar": log.heldout_metrics.get("uar"),
+            "heldout_examples": log.heldout_metrics.get("num-examples"),
+            "heldout_devices": log.heldout_ok,
+            "heldout_declined": log.heldout_declined,
+            "heldout_confusion": log.heldout_metrics.get("confusion"),
+            "device_skips": log.device_skips,
+            # personal layers: the personalised model, and its gain over the global one per device
+            "personal_accuracy": ev.get("personal-accuracy"),
+            "personal_gain_mean": ev.get("personal-gain-mean"),
+            "personal_gain_worst": ev.get("personal-gain-worst"),
+            "personal_loss_share": ev.get("personal-loss-share"),
+            "personal_gains": ev.get("personal-gains"),
             "seconds": round(now - self.last, 2),
             "elapsed": round(now - self.started, 2),
         }
@@ -155,11 +173,70 @@ class RoundReporter:
             privacy_progress(self.cfg, row),
             row["seconds"],
         )
+        if row["personal_gain_mean"] is not None:
+            logger.info(
+                "  personalised accuracy %s  gain per device: mean %+.3f  worst %+.3f  %.0f%% of devices lose",
+                _fmt(row["personal_accuracy"]), row["personal_gain_mean"], row["personal_gain_worst"],
+                100 * row["personal_loss_share"],
+            )
+        if log.heldout_ok:
+            logger.info(
+                "  held-out devices (never trained): accuracy %s  macro-F1 %s  UAR %s on %d devices",
+                _fmt(row["heldout_accuracy"]), _fmt(row["heldout_macro_f1"]), _fmt(row["heldout_uar"]), log.heldout_ok,
+            )
+        for node, skips in log.device_skips.items():
+            logger.info("  %s skipped samples: %s", node, ", ".join(f"{n} {k}" for k, n in skips.items()))
         for declined in log.declined:
             logger.info("  declined: %s", declined)
         for failure in log.failures:
             logger.info("  skipped: %s", failure)
         return None
+
+
+def heldout_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ``heldout`` section of ``summary.json``: the last round's global-model scores on
+    the held-out devices (identity-disjoint test population) and the local-test scores
+    beside them; None when the run had no held-out device."""
+    scored = [r for r in rows if r.get("heldout_accuracy") is not None]
+    if not scored:
+        return None
+    last = scored[-1]
+    return {
+        "round": last["round"],
+        "devices": last.get("heldout_devices"),
+        "examples": last.get("heldout_examples"),
+        "accuracy": last.get("heldout_accuracy"),
+        "macro_f1": last.get("heldout_macro_f1"),
+        "uar": last.get("heldout_uar"),
+        "loss": last.get("heldout_loss"),
+        "local_test": {k: last.get(k) for k in ("accuracy", "macro_f1", "uar")},
+    }
+
+
+def personalisation_summary(cfg: EmofedConfig, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ``personalisation`` section of ``summary.json``: the last evaluated round's
+    distribution of the personalised model's gain over the global model, per device;
+    None when personal layers are off."""
+    if not cfg.personal.enabled:
+        return None
+    scored = [r for r in rows if r.get("personal_gain_mean") is not None]
+    section: dict[str, Any] = {"layers": list(cfg.personal.layers), "round": None}
+    if scored:
+        last = scored[-1]
+        gains = last.get("personal_gains") or []
+        section.update(
+            {
+                "round": last["round"],
+                "devices": len(gains),
+                "global_accuracy": last.get("accuracy"),
+                "accuracy": last.get("personal_accuracy"),
+                "gain_mean": last.get("personal_gain_mean"),
+                "gain_worst": last.get("personal_gain_worst"),
+                "loss_share": last.get("personal_loss_share"),
+                "gains": gains,
+            }
+        )
+    return section
 
 
 def privacy_summary(
@@ -196,6 +273,18 @@ def privacy_summary(
     }
 
 
+def _heldout_count(cfg: EmofedConfig) -> int:
+    """Held-out (test-only) devices of the run's federation folder; 0 for synthetic data."""
+    if cfg.data.source != "folder" or not cfg.data.path:
+        return 0
+    try:
+        index = json.loads((Path(cfg.data.path) / "federation.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0  # the devices report a broken folder themselves
+    heldout = index.get("heldout", []) if isinstance(index, dict) else []
+    return len(heldout) if isinstance(heldout, list) else 0
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run federated training as configured and write the run directory."""
@@ -230,8 +319,11 @@ def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
         cfg.devices, cfg.rounds, cfg.strategy.name, n_params, len(state), n_params * 4 / 1e6,
     )
     connected = len(list(grid.get_node_ids()))
-    if connected != cfg.devices:
-        logger.warning("%d devices connected, configuration says devices=%d", connected, cfg.devices)
+    heldout = _heldout_count(cfg)
+    if connected != cfg.devices + heldout:
+        logger.warning(
+            "%d devices connected, configuration says devices=%d (+%d held out)", connected, cfg.devices, heldout
+        )
 
     dp_on = cfg.privacy.device.enabled or cfg.privacy.user.enabled
     ledger = LedgerStore(run_dir.path / LEDGER_DIR) if dp_on else None
@@ -286,6 +378,8 @@ def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
         "devices": cfg.devices,
         "strategy": cfg.strategy.name,
         "final": {k: last.get(k) for k in ("accuracy", "macro_f1", "eval_loss", "train_loss", "acc_face", "acc_voice", "acc_text")},
+        "heldout": heldout_summary(rows),
+        "personalisation": personalisation_summary(cfg, rows),
         "failed_device_replies": sum(r.get("failed_devices", 0) for r in rows),
         "declined_device_replies": sum(r.get("declined_devices", 0) for r in rows),
         "privacy": privacy_summary(cfg, rows, user_dp, run_dir.final_path / LEDGER_DIR if ledger is not None else None),

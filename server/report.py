@@ -20,9 +20,17 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("acc_face", "face acc", "{:>8.3f}"),
     ("acc_voice", "voice acc", "{:>9.3f}"),
     ("acc_text", "text acc", "{:>8.3f}"),
+    ("uar", "UAR", "{:>5.3f}"),
+    # the global model on held-out devices (people it never trained on)
+    ("heldout_accuracy", "held-out acc", "{:>12.3f}"),
+    ("heldout_macro_f1", "held-out F1", "{:>11.3f}"),
+    ("heldout_uar", "held-out UAR", "{:>12.3f}"),
     ("train_devices", "trained", "{:>7d}"),
     ("declined_devices", "declined", "{:>8d}"),
     ("failed_devices", "failed", "{:>6d}"),
+    ("personal_accuracy", "personal acc", "{:>12.3f}"),
+    ("personal_gain_mean", "gain mean", "{:>+9.3f}"),
+    ("personal_gain_worst", "gain worst", "{:>+10.3f}"),
     ("epsilon_device_max", "ε device", "{:>8.3f}"),  # the largest of the round
     ("epsilon_user", "ε user", "{:>6.3f}"),
     ("seconds", "seconds", "{:>7.1f}"),
@@ -33,6 +41,14 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
     "declined_devices": ("epsilon_device_max", "declined_devices"),
     "epsilon_device_max": ("epsilon_device_max",),
     "epsilon_user": ("epsilon_user",),
+    # personal layers (personal.enabled): the personalised model and its gain per device
+    "personal_accuracy": ("personal_accuracy",),
+    "personal_gain_mean": ("personal_accuracy",),
+    "personal_gain_worst": ("personal_accuracy",),
+    "uar": ("uar",),
+    "heldout_accuracy": ("heldout_accuracy",),
+    "heldout_macro_f1": ("heldout_accuracy",),
+    "heldout_uar": ("heldout_accuracy",),
 }
 
 
@@ -68,6 +84,65 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         cells = [_cell(row.get(key), fmt, w) for (key, _, fmt), w in zip(columns, widths, strict=True)]
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+def gain_distribution(
+    global_accuracy: Sequence[float], personal_accuracy: Sequence[float], weights: Sequence[int]
+) -> dict[str, Any]:
+    """How much personal layers gain over the global model, device by device.
+
+    Parameters
+    ----------
+    global_accuracy, personal_accuracy : Sequence[float]
+        Each device's accuracy on its own test split with the global model and with its
+        personalised model.
+    weights : Sequence[int]
+        Each device's number of test examples.
+
+    Returns
+    -------
+    dict
+        ``personal-accuracy`` (example-weighted, comparable with the federation's
+        ``accuracy``), ``personal-gain-mean`` (mean over devices of personalised minus
+        global accuracy), ``personal-gain-worst`` (the smallest device gain),
+        ``personal-loss-share`` (share of devices whose accuracy drops) and
+        ``personal-gains`` (every device's gain, ascending). Empty for no device.
+
+    Raises
+    ------
+    ValueError
+        If the sequences differ in length or a weight is negative.
+    """
+    if not len(global_accuracy) == len(personal_accuracy) == len(weights):
+        raise ValueError(
+            f"one global accuracy, personal accuracy and weight per device expected, found "
+            f"{len(global_accuracy)}, {len(personal_accuracy)} and {len(weights)}"
+        )
+    if any(w < 0 for w in weights):
+        raise ValueError(f"weights must be non-negative counts, found {list(weights)}")
+    if not weights:
+        return {}
+    gains = sorted(float(p) - float(g) for g, p in zip(global_accuracy, personal_accuracy, strict=True))
+    total = sum(weights)
+    weighted = sum(float(p) * w for p, w in zip(personal_accuracy, weights, strict=True))
+    return {
+        "personal-accuracy": weighted / total if total else float("nan"),
+        "personal-gain-mean": sum(gains) / len(gains),
+        "personal-gain-worst": gains[0],
+        "personal-loss-share": sum(g < 0 for g in gains) / len(gains),
+        "personal-gains": gains,
+    }
+
+
+def format_personalisation(section: Mapping[str, Any] | None) -> str | None:
+    """The final CLI line of a run's ``personalisation`` summary, None when it has none."""
+    if not section or section.get("gain_mean") is None:
+        return None
+    return (
+        f"personalised accuracy {section['accuracy']:.3f} (global {section['global_accuracy']:.3f}); "
+        f"gain per device: mean {section['gain_mean']:+.3f}, worst {section['gain_worst']:+.3f}, "
+        f"{section['loss_share']:.0%} of {section['devices']} devices lose accuracy"
+    )
 
 
 # Series of the privacy panel: budget name -> (metrics key, label).

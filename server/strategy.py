@@ -18,6 +18,12 @@ Privacy (``emofed.protocol`` is the contract with devices):
   account, sign) followed by the base strategy's server update. Flower's DP wrappers
   cannot wrap this strategy usefully; ``server.dp`` says why.
 
+Held-out devices (imported corpora: people who never train) answer a training request
+with ``ERROR_HELDOUT`` and flag their evaluation replies with ``heldout=1``; either way the
+screen remembers the node and never samples it for training again (in round 1, before
+any reply, it may be asked once). Their evaluations are aggregated apart, as the global
+model's score on unseen people (``RoundLog.heldout_metrics``).
+
 Secure aggregation (``privacy.secagg.enabled``): the strategy runs on a
 ``server.secagg.SecureAggregationGrid``, so a round's training replies carry only
 metrics, the ledger and a masked vector; the screen checks those before unmasking, and
@@ -53,7 +59,11 @@ from emofed.config import EmofedConfig, SecAggConfig
 from emofed.protocol import (
     CLIPPING_NORM_KEY,
     ERROR_BUDGET_EXHAUSTED,
-    EVAL_METRICS,
+    ERROR_HELDOUT,
+    EVAL_OPTIONAL_METRICS,
+    PERSONAL_ACCURACY_KEY,
+    SKIPPED_METRICS,
+    eval_metric_keys,
     train_metric_keys,
 )
 from models import MODALITIES, NUM_CLASSES
@@ -62,6 +72,8 @@ from privacy.guard import LEDGER_RECORD, read_ledger_record
 from privacy.ledger_format import parse_line
 from privacy.ledger_store import LedgerStore
 from server.dp import PrivacyBudgetStop, UserLevelDP
+from server.grids import DelegatingGrid
+from server.report import gain_distribution
 from server.secagg import SecureAggregationGrid
 
 logger = logging.getLogger(__name__)
@@ -94,6 +106,10 @@ class RoundLog:
     user_epsilon: float | None = None  # federation's cumulative ε after this round
     clipping_norm: float | None = None  # C of this round's user-level release
     secure_sum: int | None = None  # secure aggregation: devices in the unmasked sum
+    heldout_declined: int = 0  # held-out (test-only) devices that were asked to train and declined
+    heldout_ok: int = 0  # held-out devices whose evaluation reply was aggregated
+    heldout_metrics: dict[str, Any] = field(default_factory=dict)  # global model on held-out devices
+    device_skips: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> skipped-* counts > 0
 
 
 def _finite_number(value: Any) -> bool:
@@ -196,16 +212,26 @@ def _screen_privacy_metrics(metrics: MetricRecord) -> str | None:
     return None
 
 
-def screen_eval_reply(content: RecordDict) -> str | None:
-    """Why an evaluation reply cannot be aggregated, or None if it can."""
+def screen_eval_reply(content: RecordDict, *, personal: bool = False) -> str | None:
+    """Why an evaluation reply cannot be aggregated, or None if it can.
+
+    ``personal`` (``personal.enabled``): the reply must also carry the personalised
+    model's accuracy (``emofed.protocol.eval_metric_keys``).
+    """
     if content.array_records:
         return f"evaluation replies carry no arrays, found {sorted(content.array_records)}"
     if list(content.metric_records) != [METRICS_KEY]:
         return f"expected one MetricRecord '{METRICS_KEY}', found {sorted(content.metric_records)}"
     metrics = content.metric_records[METRICS_KEY]
-    reason = _screen_metrics(metrics, EVAL_METRICS)
+    reason = _screen_metrics(metrics, eval_metric_keys(personal), optional=EVAL_OPTIONAL_METRICS)
     if reason:
         return reason
+    if personal and not 0.0 <= metrics[PERSONAL_ACCURACY_KEY] <= 1.0:
+        return f"'{PERSONAL_ACCURACY_KEY}' must be in [0, 1], found {metrics[PERSONAL_ACCURACY_KEY]!r}"
+    if metrics.get("heldout", 0) not in (0, 1):
+        return f"'heldout' must be 0 or 1, found {metrics['heldout']!r}"
+    if any(not isinstance(metrics.get(k, 0), int) or metrics.get(k, 0) < 0 for k in SKIPPED_METRICS):
+        return "'skipped-*' must be non-negative integer counts"
     confusion = metrics.get("confusion")
     if not isinstance(confusion, list) or len(confusion) != NUM_CLASSES * NUM_CLASSES:
         return f"'confusion' must be a list of {NUM_CLASSES * NUM_CLASSES} counts"
@@ -220,8 +246,10 @@ def screen_eval_reply(content: RecordDict) -> str | None:
     return None
 
 
-def _screen_metrics(metrics: MetricRecord, allowed: frozenset[str]) -> str | None:
-    if set(metrics) != allowed:
+def _screen_metrics(
+    metrics: MetricRecord, allowed: frozenset[str], optional: frozenset[str] = frozenset()
+) -> str | None:
+    if not allowed - optional <= set(metrics) <= allowed:
         unexpected = sorted(set(metrics) - allowed)
         missing = sorted(allowed - set(metrics))
         return f"metric keys differ from the protocol (unexpected {unexpected[:3]}, missing {missing[:3]})"
@@ -272,6 +300,19 @@ def confusion_scores(confusion: np.ndarray) -> tuple[float, float]:
     return float(tp.sum() / total), float(f1[present].mean())
 
 
+def unweighted_average_recall(confusion: np.ndarray) -> float:
+    """Unweighted average recall (UAR): the mean recall of the classes present in the truth.
+
+    The usual score of speech emotion recognition (e.g. Schuller et al., "The INTERSPEECH
+    2009 Emotion Challenge", Sec. 2), insensitive to class imbalance; chance is 1/classes.
+    """
+    support = confusion.sum(axis=1)
+    present = support > 0
+    if not present.any():
+        return float("nan")
+    return float((np.diag(confusion)[present] / support[present]).mean())
+
+
 def aggregate_eval_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
     """Exact federation-wide metrics: summed confusion matrices and modality counts.
 
@@ -299,6 +340,7 @@ def aggregate_eval_metrics(contents: list[RecordDict], weight_key: str) -> Metri
             "loss": loss / total if total else float("nan"),
             "accuracy": accuracy,
             "macro-f1": macro_f1,
+            "uar": unweighted_average_recall(confusion),
             "devices": len(contents),
             "confusion": confusion.reshape(-1).tolist(),
         }
@@ -306,6 +348,15 @@ def aggregate_eval_metrics(contents: list[RecordDict], weight_key: str) -> Metri
     for modality, (correct, count) in modality_counts.items():
         if count:
             out[f"acc-{modality}"] = correct / count
+    if contents and all(PERSONAL_ACCURACY_KEY in c[METRICS_KEY] for c in contents):
+        # Personal layers: each device's gain over the global model, as a distribution.
+        out.update(
+            gain_distribution(
+                [float(c[METRICS_KEY]["accuracy"]) for c in contents],
+                [float(c[METRICS_KEY][PERSONAL_ACCURACY_KEY]) for c in contents],
+                [int(c[METRICS_KEY][weight_key]) for c in contents],
+            )
+        )
     return MetricRecord(out)
 
 
@@ -340,6 +391,8 @@ class ScreenedStrategy:
     secagg: SecAggConfig | None
     _round: int
     _secure_grid: SecureAggregationGrid | None
+    heldout_nodes: set[int]  # nodes known to be held-out (test-only) devices
+    personal: bool  # devices keep personal layers and report their accuracy
 
     def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Any:
         """Flower's round loop; under secure aggregation on a SecAgg+ grid."""
@@ -389,6 +442,9 @@ class ScreenedStrategy:
             self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         if self.user_dp is not None:
             config[CLIPPING_NORM_KEY] = self.user_dp.clipping_norm
+        if self.heldout_nodes:
+            # Known held-out devices are never sampled for training.
+            grid = _ExcludingGrid(grid, frozenset(self.heldout_nodes))
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         if self.user_dp is not None and messages:
             # Messages are built but not sent yet: past the budget, nothing goes out.
@@ -431,6 +487,12 @@ class ScreenedStrategy:
                 if reply.error.code == ERROR_BUDGET_EXHAUSTED:
                     log.declined.append(f"{stage} node {node}: {reason}")
                     logger.info("Round %d: node %d declined (privacy budget): %s", server_round, node, reason)
+                    continue
+                if reply.error.code == ERROR_HELDOUT:
+                    # A test-only device: remembered, and not sampled for training again.
+                    self.heldout_nodes.add(node)
+                    log.heldout_declined += 1
+                    logger.info("Round %d: node %d is a held-out device; it will only evaluate", server_round, node)
                     continue
             else:
                 reason = check(reply)
@@ -588,15 +650,42 @@ class ScreenedStrategy:
         return arrays
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        kept = self._screen(server_round, replies, lambda reply: screen_eval_reply(reply.content), "evaluate")
+        kept = self._screen(
+            server_round,
+            replies,
+            lambda reply: screen_eval_reply(reply.content, personal=self.personal),
+            "evaluate",
+        )
         log = self._log(server_round)
-        log.eval_ok = len(kept)
-        if not kept:
+        # Held-out devices (test-only, identity-disjoint) are scored apart from the
+        # training devices' own test splits: the two answer different questions.
+        local: list[Message] = []
+        heldout: list[Message] = []
+        for reply in kept:
+            node = reply.metadata.src_node_id
+            metrics = reply.content[METRICS_KEY]
+            skips = {k.removeprefix("skipped-"): int(metrics.get(k, 0)) for k in SKIPPED_METRICS}
+            if any(skips.values()):
+                log.device_skips[f"node {node}"] = {k: n for k, n in skips.items() if n}
+            if metrics.get("heldout", 0) == 1:
+                self.heldout_nodes.add(node)
+                heldout.append(reply)
+            else:
+                local.append(reply)
+        log.eval_ok = len(local)
+        log.heldout_ok = len(heldout)
+        if heldout:
+            log.heldout_metrics = dict(
+                self.evaluate_metrics_aggr_fn(  # type: ignore[attr-defined]
+                    [reply.content for reply in heldout], self.weighted_by_key  # type: ignore[attr-defined]
+                )
+            )
+        if not local:
             return None
         # The screen has checked every reply; aggregate directly rather than let
         # Flower's own validation raise on what the screen already handled.
         metrics = self.evaluate_metrics_aggr_fn(  # type: ignore[attr-defined]
-            [reply.content for reply in kept], self.weighted_by_key  # type: ignore[attr-defined]
+            [reply.content for reply in local], self.weighted_by_key  # type: ignore[attr-defined]
         )
         log.eval_metrics = dict(metrics)
         return metrics
@@ -673,4 +762,17 @@ def build_strategy(
     strategy._secure_grid = None
     strategy._current = {}
     strategy._node_scopes = {}
+    strategy.heldout_nodes = set()
+    strategy.personal = cfg.personal.enabled
     return strategy
+
+
+class _ExcludingGrid(DelegatingGrid):
+    """The run's grid without the given nodes (used only to sample training devices)."""
+
+    def __init__(self, grid: Grid, excluded: frozenset[int]) -> None:
+        super().__init__(grid)
+        self.excluded = excluded
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [node for node in self._grid.get_node_ids() if node not in self.excluded]

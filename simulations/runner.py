@@ -91,6 +91,21 @@ def local_superlink(home: Path, *, startup_timeout: float) -> Iterator[int]:
         stop_group(process)
 
 
+def heldout_device_count(cfg: EmofedConfig) -> int:
+    """Held-out (test-only) devices of a federation folder, started after the training ones.
+
+    Raises
+    ------
+    client.data.FederationFolderError
+        If ``data.source=folder`` and the folder is missing or malformed.
+    """
+    if cfg.data.source != "folder":
+        return 0
+    from client.data import heldout_devices, read_federation
+
+    return len(heldout_devices(read_federation(cfg.data.path or "")))
+
+
 def run_simulation(
     cfg: EmofedConfig,
     *,
@@ -132,7 +147,7 @@ def run_simulation(
                 ]
             )
             federation = (
-                f"num-supernodes={cfg.devices} "
+                f"num-supernodes={cfg.devices + heldout_device_count(cfg)} "
                 f"client-resources-num-cpus={cfg.simulation.cpus_per_device} "
                 f"client-resources-num-gpus={cfg.simulation.gpus_per_device}"
             )

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["add_import_parser", "cmd_data_import"]
+__all__ = ["add_import_parser", "add_pair_parser", "cmd_data_import", "cmd_data_pair"]
 
 # Same prefix as emofed.cli.PROGRESS_PREFIX; not imported to keep this module free of it.
 _PREFIX = "emofed |"
@@ -116,4 +116,44 @@ def cmd_data_import(args: argparse.Namespace) -> int:
         return _fail(str(err))
     print(report.format_text())
     print(f"train on it with: emofed simulate data.source=folder data.path={out}")
+    return 0
+
+
+def add_pair_parser(data_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``pair`` subcommand (multimodal pairing of three imported folders) to ``emofed data``."""
+    parser = data_subparsers.add_parser(
+        "pair",
+        help="pair face, voice and text from three imported corpora by label (multimodal devices)",
+        description=(
+            "Build a federation whose devices carry face, voice and text samples taken from three "
+            "different imported corpora and matched by emotion label within a device and split. "
+            "The result is marked as paired data: the modalities of one sample are not one person's."
+        ),
+    )
+    parser.add_argument("--face", required=True, help="federation folder of a face corpus (emofed data import)")
+    parser.add_argument("--voice", required=True, help="federation folder of a voice corpus")
+    parser.add_argument("--text", required=True, help="federation folder of a text corpus")
+    parser.add_argument("--out", "-o", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument(
+        "--anchor", choices=("face", "voice", "text"), default="voice",
+        help="modality whose devices and held-out devices become the result's (default voice)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw order (default 0)")
+    parser.set_defaults(func=cmd_data_pair)
+    return parser
+
+
+def cmd_data_pair(args: argparse.Namespace) -> int:
+    """Pair three imported folders; print the report and return 0, or a one-line error and return 2."""
+    from simulations.importers.pairing import pair_federations
+
+    try:
+        report = pair_federations(
+            {"face": args.face, "voice": args.voice, "text": args.text}, Path(args.out),
+            anchor=args.anchor, seed=args.seed,
+        )
+    except (ValueError, OSError) as err:
+        return _fail(str(err))
+    print(report.format_text())
+    print(f"train on it with: emofed simulate data.source=folder data.path={args.out}")
     return 0

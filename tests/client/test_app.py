@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import ERROR_BAD_REQUEST, ERROR_UNUSABLE_DATA, app, evaluate, train
 from emofed.config import load_config, to_json
-from emofed.protocol import DEVICE_ROOT_KEY, EVAL_METRICS, train_metric_keys
+from emofed.protocol import DEVICE_ROOT_KEY, eval_metric_keys, train_metric_keys
 from models import NUM_CLASSES, build_model, get_state, shared_state_keys
 from privacy.guard import LEDGER_RECORD
 
@@ -79,7 +79,7 @@ def test_train_and_evaluate_replies_follow_the_protocol(tmp_path: Path, preset: 
     assert not reply.has_error(), reply.error
     assert not reply.content.array_records and not reply.content.config_records
     metrics = reply.content["metrics"]
-    assert set(metrics) == EVAL_METRICS and all(_finite(v) for v in metrics.values())
+    assert set(metrics) == eval_metric_keys(cfg.personal.enabled) and all(_finite(v) for v in metrics.values())
     confusion = metrics["confusion"]
     assert len(confusion) == NUM_CLASSES * NUM_CLASSES and sum(confusion) == metrics["num-examples"]
 

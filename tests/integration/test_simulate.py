@@ -55,10 +55,42 @@ def test_two_round_simulation_writes_a_sane_run_directory(tmp_path: Path) -> Non
     assert cfg.devices == 3 and cfg.rounds == 2
     weights = load_file(run / "model.safetensors")
     assert sorted(weights) == sorted(shared_state_keys(build_model(cfg.model, device="cpu")))
-    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete"
+    _check_personalisation(run, rows, summary, proc.stdout, weights)
     # No SuperLink is left behind: the runner removes its FLWR_HOME after stopping it, so
     # a SuperLink whose home is gone was abandoned (others may belong to concurrent runs).
     assert _abandoned_superlinks() == []
+
+
+def _check_personalisation(run: Path, rows: list[dict], summary: dict, stdout: str, weights: dict) -> None:
+    """Every round reports the gain distribution; each device's personal head stays in its store."""
+    import numpy as np
+
+    from client.personal import PERSONAL_OBJECT, STORE_DIR, STORE_KEY_FILE
+    from client.store import EncryptedStore
+
+    for row in rows:
+        gains = row["personal_gains"]
+        assert len(gains) == row["eval_devices"] == 3 and gains == sorted(gains)
+        assert 0.0 <= row["personal_accuracy"] <= 1.0
+        assert row["personal_gain_mean"] == pytest.approx(sum(gains) / 3)
+        assert row["personal_gain_worst"] == gains[0]
+        assert row["personal_loss_share"] == pytest.approx(sum(g < 0 for g in gains) / 3)
+    section = summary["personalisation"]
+    assert section["layers"] == ["head"] and section["round"] == 2 and section["devices"] == 3
+    assert section["gain_mean"] == rows[-1]["personal_gain_mean"]
+    assert section["global_accuracy"] == rows[-1]["accuracy"]
+    assert f"gain per device: mean {section['gain_mean']:+.3f}" in stdout
+    for device in ("0", "1", "2"):
+        folder = run / "simulated-devices" / device
+        key_file = folder / "keys" / STORE_KEY_FILE
+        assert key_file.stat().st_mode & 0o077 == 0
+        with EncryptedStore.open(folder / STORE_DIR, key_file=key_file) as store:
+            personal = store.get_arrays(PERSONAL_OBJECT)
+        # The device's head is its own: not the global head the server saved (and sent).
+        assert sorted(personal) == ["head.bias", "head.weight"]
+        assert not np.array_equal(personal["head.weight"], weights["head.weight"])
 
 
 def _abandoned_superlinks() -> list[int]:
