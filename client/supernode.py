@@ -17,6 +17,7 @@ usable says so at once instead of failing its first round.
 
 from __future__ import annotations
 
+import re
 import stat
 import subprocess
 import threading
@@ -30,7 +31,10 @@ from privacy.certs import DEVICE_KEY, DEVICE_PUB, create_device_keys
 
 KEYS_DIR = "keys"
 # Flower's exit code when the SuperNode cannot connect or is refused (TLS or authentication).
+# The process itself exits with 1; Flower writes the code to its log ("Exit Code: 305").
 EXIT_CONNECTION_FAILED = 305
+_EXIT_CODE = re.compile(r"Exit Code: (\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class DeviceSetupError(RuntimeError):
@@ -147,8 +151,17 @@ def supernode_command(
     ca: Path | None,
     max_wait: float | None,
 ) -> list[str]:
-    """The `flower-supernode` command line of this device."""
+    """The `flower-supernode` command line of this device (``ca=None``: plain text, no key).
+
+    Raises
+    ------
+    DeviceSetupError
+        If a path holds a double quote, which Flower's ``--node-config`` cannot carry.
+    """
     private, _ = device_keys(device_dir)
+    for path in (data, device_dir):
+        if '"' in str(path.resolve()):
+            raise DeviceSetupError(f"{path}: a path with a double quote cannot be passed to Flower; rename it")
     node_config = " ".join(
         [
             f"data-path={toml_string(str(data.resolve()))}",
@@ -159,17 +172,70 @@ def supernode_command(
     command = [
         flower_bin("flower-supernode"),
         "--superlink", superlink,
-        "--auth-supernode-private-key", str(private),
         "--node-config", node_config,
         "--isolation", "subprocess",
         # Several devices may share one machine: each gets its own ClientApp port.
         "--host", "127.0.0.1",
         "--port", str(free_port()),
     ]
-    command += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
+    # Flower authenticates SuperNodes only over TLS (it refuses a key without it).
+    if ca is None:
+        command += ["--insecure"]
+    else:
+        command += ["--root-certificates", str(ca), "--auth-supernode-private-key", str(private)]
     if max_wait is not None:
         command += ["--max-wait-time", str(max_wait)]
     return command
+
+
+def flower_exit_code(lines: list[str]) -> int | None:
+    """The Flower exit code a SuperNode wrote to its log (``Exit Code: 305``), if any."""
+    for line in reversed(lines):
+        found = _EXIT_CODE.search(_ANSI.sub("", line))
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def key_refused(lines: list[str]) -> bool:
+    """Whether the SuperLink refused this SuperNode's key (Flower's "Failed to activate").
+
+    Flower cannot tell "never enrolled" from "not registered yet": the coordinator
+    registers enrolled keys a few seconds after its SuperLink starts.
+    """
+    if flower_exit_code(lines) != EXIT_CONNECTION_FAILED:
+        return False
+    text = _ANSI.sub("", "\n".join(lines))
+    return "Failed to activate SuperNode" in text or "code: 2004" in text
+
+
+def refusal_reason(lines: list[str], *, superlink: str, max_wait: float | None) -> str | None:
+    """Why the coordinator refused this SuperNode, in one line, from the end of its log.
+
+    Returns None when the log does not show a refused or failed connection.
+    """
+    if flower_exit_code(lines) != EXIT_CONNECTION_FAILED:
+        return None
+    text = _ANSI.sub("", "\n".join(lines))
+    host = superlink.rsplit(":", 1)[0].strip("[]")
+    if key_refused(lines):
+        return (
+            f"the coordinator at {superlink} refused this device: its key is not enrolled there "
+            "(send keys/device.pub to the coordinator's operator, who runs `emofed device enroll NAME "
+            "--public-key device.pub --coordinator DIR` and restarts `emofed server start`)"
+        )
+    if "mismatch" in text.lower() or "not valid for" in text:
+        return (
+            f"the coordinator's TLS certificate does not name {host!r}; connect with a name or IP "
+            f"the certificate lists, or re-issue it with `emofed certs --host {host}`"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in text or "SSL/TLS handshake" in text or "WRONG_VERSION_NUMBER" in text:
+        return (
+            f"TLS with the coordinator at {superlink} failed: its certificate is not signed by the CA "
+            "given with --ca (use the coordinator's own ca.crt), or one side runs --insecure"
+        )
+    waited = f" within {max_wait:g} s" if max_wait is not None else ""
+    return f"could not reach the coordinator at {superlink}{waited} (is `emofed server start` running, and the port open?)"
 
 
 def run_supernode(command: list[str], device_dir: Path, on_line: Callable[[str], None]) -> int:

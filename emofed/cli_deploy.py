@@ -25,11 +25,18 @@ INSECURE_WARNING = (
     "ledgers cross the network unencrypted and the coordinator is not authenticated. "
     "Use this only on a trusted test network."
 )
+INSECURE_SERVER_WARNING = (
+    "WARNING: --insecure also turns device authentication OFF (Flower allows it only over "
+    "TLS): any device that reaches this port can join the run, enrolled or not."
+)
+
+# Flower's log lines about a failed connection, replaced by one line of ours.
+_CONNECTION_NOISE = ("Exit Code: 305", "SSL/TLS handshake error")
 
 
-def _warn_insecure() -> None:
+def _warn_insecure(*extra: str) -> None:
     banner = "!" * 78
-    print(f"{banner}\n{INSECURE_WARNING}\n{banner}", file=sys.stderr, flush=True)
+    print("\n".join([banner, INSECURE_WARNING, *extra, banner]), file=sys.stderr, flush=True)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -83,12 +90,13 @@ def cmd_device_enroll(args: argparse.Namespace) -> int:
 def cmd_device_start(args: argparse.Namespace) -> int:
     """Check the device's data and keys, then run its SuperNode until the coordinator is done."""
     from client.supernode import (
-        EXIT_CONNECTION_FAILED,
         DeviceSetupError,
         check_ca,
         check_data_folder,
         check_private_key,
         device_keys,
+        key_refused,
+        refusal_reason,
         run_supernode,
         supernode_command,
     )
@@ -97,46 +105,66 @@ def cmd_device_start(args: argparse.Namespace) -> int:
     device_dir = Path(args.device_dir)
     try:
         name = check_device_name(args.name or device_dir.resolve().name)
-        check_private_key(device_keys(device_dir)[0])
+        if args.refused_retry < 0 or (args.max_wait is not None and args.max_wait <= 0):
+            return _fail(
+                f"--refused-retry must be >= 0 and --max-wait > 0. Found {args.refused_retry:g} and {args.max_wait:g}."
+            )
         if args.insecure:
-            _warn_insecure()
+            _warn_insecure("WARNING: --insecure: this device does not authenticate itself (Flower needs TLS for it).")
             ca = None
         else:
+            check_private_key(device_keys(device_dir)[0])
             if not args.ca:
                 return _fail("give --ca FILE (the coordinator's ca.crt), or --insecure for a plain-text test setup")
             ca = Path(args.ca)
             check_ca(ca)
         data = Path(args.data)
         found = check_data_folder(data)
+        command = supernode_command(
+            superlink=args.superlink, device_dir=device_dir, data=data, device_id=name, ca=ca, max_wait=args.max_wait
+        )
     except (ValueError, DeviceSetupError) as err:
         return _fail(str(err))
     print(f"{PROGRESS_PREFIX} device {name}: {found.describe()}", flush=True)
     print(f"{PROGRESS_PREFIX} joining {args.superlink} ({'TLS' if ca else 'INSECURE'}; raw data stays in {data})", flush=True)
-    command = supernode_command(
-        superlink=args.superlink, device_dir=device_dir, data=data, device_id=name, ca=ca, max_wait=args.max_wait
-    )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     on_line = make_line_printer(args.verbose)
     tail: list[str] = []
 
     def follow(line: str) -> None:
         tail.append(line)
-        del tail[:-20]
-        on_line(line)
+        del tail[:-60]
+        # A refused connection is summed up in one line below; Flower's own lines about
+        # it would only repeat that (they stay in the log and in --verbose).
+        if args.verbose or not any(part in line for part in _CONNECTION_NOISE):
+            on_line(line)
 
+    first_refusal: float | None = None
     try:
-        code = run_supernode(command, device_dir, follow)
+        while True:
+            tail.clear()
+            code = run_supernode(command, device_dir, follow)
+            if not key_refused(tail):
+                break
+            # The coordinator registers enrolled keys just after its SuperLink starts: a
+            # device that connects in between is refused once or twice, then let in.
+            now = time.monotonic()
+            if first_refusal is None:
+                first_refusal = now
+                print(
+                    f"{PROGRESS_PREFIX} the coordinator refused this device's key; retrying for "
+                    f"{args.refused_retry:g} s in case it is still registering enrolled keys",
+                    flush=True,
+                )
+            if now - first_refusal >= args.refused_retry:
+                break
+            time.sleep(3.0)
     except KeyboardInterrupt:
         print(f"{PROGRESS_PREFIX} device {name} stopped", flush=True)
         return 0
-    if code == EXIT_CONNECTION_FAILED:
-        detail = next((ln for ln in reversed(tail) if "SSL" in ln or "activate" in ln or "certificate" in ln), "")
-        return _fail(
-            f"the coordinator at {args.superlink} refused or could not be reached "
-            f"(is this device enrolled, and is --ca the coordinator's CA?) {detail.strip()} "
-            f"(log: {device_dir / 'supernode.log'})",
-            code=1,
-        )
+    reason = refusal_reason(tail, superlink=args.superlink, max_wait=args.max_wait)
+    if reason is not None:
+        return _fail(f"{reason} (log: {device_dir / 'supernode.log'})", code=1)
     if code != 0:
         return _fail(f"SuperNode exited with code {code} (log: {device_dir / 'supernode.log'})", code=1)
     return 0
@@ -151,7 +179,7 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     from server.coordinator import Coordinator, CoordinatorError, CoordinatorHome, deployment_overrides
 
     if args.insecure:
-        _warn_insecure()
+        _warn_insecure(INSECURE_SERVER_WARNING)
     coordinator = Coordinator(
         CoordinatorHome(Path(args.home)), host=args.host, port=args.port, insecure=args.insecure,
         startup_timeout=cfg.simulation.startup_timeout_s,
@@ -167,10 +195,15 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     progress = _progress
     try:
-        progress(f"starting the SuperLink on {args.host}:{args.port} ({'INSECURE' if args.insecure else 'TLS'}, device authentication on)")
+        security = "INSECURE, device authentication OFF" if args.insecure else "TLS, device authentication on"
+        progress(f"starting the SuperLink on {args.host}:{args.port} ({security})")
         coordinator.start()
-        nodes = coordinator.register(keys)
-        progress(f"{len(nodes)} enrolled devices registered; waiting for {cfg.devices} of them to connect ...")
+        if args.insecure:
+            nodes: dict[str, int] = {}
+            progress(f"waiting for {cfg.devices} devices to connect (any device is accepted) ...")
+        else:
+            nodes = coordinator.register(keys)
+            progress(f"{len(nodes)} enrolled devices registered; waiting for {cfg.devices} of them to connect ...")
         coordinator.wait_for_devices(nodes, cfg.devices, timeout=args.wait, progress=progress)
         progress(
             f"serving {cfg.rounds} rounds to {cfg.devices} devices ({cfg.strategy.name}; "
@@ -228,9 +261,16 @@ def add_deploy_parsers(
     start.add_argument("--ca", help="the coordinator's CA certificate (ca.crt)")
     start.add_argument("--name", help="the device's name in ledgers (default: the device folder's name)")
     start.add_argument("--max-wait", type=float, default=600.0, help="seconds to keep trying to reach the coordinator (default 600)")
+    start.add_argument(
+        "--refused-retry", type=float, default=30.0, metavar="SECONDS",
+        help="keep retrying this long when the coordinator refuses the device's key (default 30)",
+    )
     start.add_argument("--insecure", action="store_true", help="plain text, no TLS (test networks only)")
     start.add_argument("--verbose", "-v", action="store_true", help="show Flower's full log")
     start.set_defaults(func=cmd_device_start)
+    from emofed.cli_runtime import add_run_parser
+
+    add_run_parser(device_sub)
 
     server = sub.add_parser("server", help="the coordinator")
     server_sub = server.add_subparsers(dest="server_command", required=True)

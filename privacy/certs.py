@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -264,7 +265,7 @@ def load_device_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
     """
     try:
         key = serialization.load_ssh_public_key(Path(path).read_bytes())
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise ValueError(f"{path}: not an OpenSSH public key ({err})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
         raise ValueError(f"{path}: device keys must be ECDSA on a NIST curve (P-256/P-384/P-521)")

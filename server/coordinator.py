@@ -143,7 +143,8 @@ class Coordinator:
     host, port : str, int
         Where the SuperLink listens for devices (all its APIs share this port).
     insecure : bool
-        Plain-text HTTP instead of TLS (SuperNode authentication stays on).
+        Plain-text HTTP instead of TLS. Flower allows SuperNode authentication only
+        over TLS, so this also turns it off: any device that reaches the port can join.
     startup_timeout : float
         Seconds the SuperLink may take to answer.
     """
@@ -183,7 +184,7 @@ class Coordinator:
                         f"`emofed certs --out {self.home.certs} --host <this machine's name or IP>`"
                     )
         keys = self.home.enrolled_keys()
-        if not keys:
+        if not keys and not self.insecure:
             raise CoordinatorError(
                 f"no device is enrolled in {self.home.enrolled}; enrol devices with "
                 f"`emofed device enroll NAME --device-dir DIR --coordinator {self.home.root}`"
@@ -213,7 +214,6 @@ class Coordinator:
         self.flwr_home.mkdir(parents=True)
         command = [
             flower_bin("flower-superlink"),
-            "--enable-supernode-auth",
             "--isolation", "subprocess",
             "--disable-runtime-dependency-installation",
             "--host", self.host,
@@ -222,9 +222,11 @@ class Coordinator:
         ]
         certs = self.home.certs
         if self.insecure:
+            # Flower refuses SuperNode authentication without TLS.
             command.append("--insecure")
         else:
             command += [
+                "--enable-supernode-auth",
                 "--ssl-ca-certfile", str(certs / CA_CERT),
                 "--ssl-certfile", str(certs / SERVER_CERT),
                 "--ssl-keyfile", str(certs / SERVER_KEY),
@@ -300,7 +302,7 @@ class Coordinator:
     def wait_for_devices(
         self, nodes: dict[str, int], needed: int, *, timeout: float, progress: Callable[[str], None]
     ) -> None:
-        """Wait until ``needed`` enrolled devices are online.
+        """Wait until ``needed`` enrolled devices (any devices when ``nodes`` is empty) are online.
 
         Raises
         ------
@@ -312,9 +314,9 @@ class Coordinator:
         names = {v: k for k, v in nodes.items()}
         last: set[int] | None = None
         while True:
-            online = self.online() & wanted
+            online = self.online() & wanted if wanted else self.online()
             if online != last:
-                joined = ", ".join(sorted(names[n] for n in online)) or "none"
+                joined = ", ".join(sorted(names.get(n, f"node {n}") for n in online)) or "none"
                 progress(f"devices online: {len(online)}/{needed} ({joined})")
                 last = online
             if len(online) >= needed:
@@ -347,14 +349,14 @@ class Coordinator:
         started = time.monotonic()
         log_path = run_dir.with_name(run_dir.name + ".flower.log")
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        run_config = " ".join(
-            [
-                f"config={toml_string(str(config_path))}",
-                f"overrides={toml_string(shlex.join(overrides))}",
-                f"run-dir={toml_string(str(run_dir))}",
-                f"{ENROLLED_NODES_KEY}={toml_string(','.join(str(n) for n in nodes.values()))}",
-            ]
-        )
+        entries = [
+            f"config={toml_string(str(config_path))}",
+            f"overrides={toml_string(shlex.join(overrides))}",
+            f"run-dir={toml_string(str(run_dir))}",
+        ]
+        if nodes:
+            entries.append(f"{ENROLLED_NODES_KEY}={toml_string(','.join(str(n) for n in nodes.values()))}")
+        run_config = " ".join(entries)
         command = [flower_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", run_config, "--stream"]
         code = stream_command(command, flower_env(self.flwr_home), log_path, on_line)
         if code != 0:
@@ -368,7 +370,7 @@ class Coordinator:
 
 
 def deployment_overrides(cfg: EmofedConfig, overrides: Sequence[str], enrolled: int) -> list[str]:
-    """The run's overrides: ``devices`` defaults to the number of enrolled devices."""
+    """The run's overrides: ``devices`` defaults to the number of enrolled devices (if any)."""
     given = {o.split("=", 1)[0].strip() for o in overrides}
-    extra = [] if "devices" in given else [f"devices={enrolled}"]
+    extra = [] if "devices" in given or enrolled == 0 else [f"devices={enrolled}"]
     return [*overrides, *extra]
