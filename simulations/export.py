@@ -21,12 +21,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import soundfile
 
 from models.labels import EMOTIONS
-from simulations.synthetic import SyntheticFederation
+
+if TYPE_CHECKING:  # the generator pulls in torch; writing a folder does not need it
+    from simulations.synthetic import SyntheticFederation
 
 logger = logging.getLogger(__name__)
 
