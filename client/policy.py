@@ -59,7 +59,7 @@ from client.policy_state import (
     build_bandit,
     features,
 )
-from emofed.config import ConfigError
+from emofed.config import ConfigError, open_schema, read_layers
 from models.labels import EMOTIONS
 
 __all__ = [
@@ -168,15 +168,6 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 
 
-def _unfreeze(node: DictConfig) -> None:
-    # Frozen dataclasses make every node read-only; merging the files needs them open.
-    OmegaConf.set_readonly(node, None)
-    for key in node:
-        child = node._get_node(key)
-        if isinstance(child, DictConfig):
-            _unfreeze(child)
-
-
 def _one_line(err: OmegaConfBaseException, source: str) -> Exception:
     key = getattr(err, "full_key", "") or getattr(err, "key", "") or "?"
     owner = getattr(err, "object_type", None)
@@ -270,28 +261,8 @@ def load_policy_config(
         On a value of the wrong type; one line naming the key.
     """
     directory = Path(directory) if directory is not None else POLICY_CONFIG_DIR
-    schema = OmegaConf.structured(PolicyConfig)
-    _unfreeze(schema)
-    merged: DictConfig = schema
-    layers: list[tuple[str, DictConfig]] = []
-    for name in POLICY_FILES:
-        path = directory / name
-        if not path.is_file():
-            raise ConfigError(f"policy config file not found: {path}")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as err:  # yaml errors come in many types
-            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        layers.append((str(path), loaded))
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        try:
-            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+    merged: DictConfig = open_schema(PolicyConfig)
+    layers = read_layers([directory / name for name in POLICY_FILES], overrides)
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)

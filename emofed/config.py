@@ -463,6 +463,44 @@ def _preset_layer(name: str) -> tuple[str, DictConfig]:
     return str(path), layer
 
 
+def open_schema(cls: type) -> DictConfig:
+    """The structured config of dataclass ``cls``, writable so that YAML layers can merge in."""
+    schema = OmegaConf.structured(cls)
+    _unfreeze(schema)
+    return schema
+
+
+def read_layers(paths: Sequence[Path], overrides: Sequence[str]) -> list[tuple[str, DictConfig]]:
+    """Load YAML files and dotted ``key=value`` overrides as (source, layer) pairs, in order.
+
+    Raises
+    ------
+    ConfigError
+        On a missing file, invalid YAML, a file whose top level is not a mapping, or an
+        override not of the form ``key=value``; one line naming the file or override.
+    """
+    layers: list[tuple[str, DictConfig]] = []
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # yaml errors come in many types
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"{path}: not valid YAML: {first}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        layers.append((str(path), loaded))
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+    return layers
+
+
 def load_config(
     path: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> EmofedConfig:
@@ -486,28 +524,8 @@ def load_config(
         On a missing or unreadable file, an unknown key, a wrong type or a value out
         of range; the message is one line naming the key.
     """
-    schema = OmegaConf.structured(EmofedConfig)
-    _unfreeze(schema)
-    layers: list[tuple[str, DictConfig]] = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as err:  # yaml errors come in many types
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"{path}: not valid YAML: {first}") from None
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        layers.append((str(path), loaded))
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        try:
-            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+    schema = open_schema(EmofedConfig)
+    layers = read_layers([Path(path)] if path is not None else [], overrides)
     merged = _merge(schema, layers)
     # The preset gives defaults for the privacy section; keys set in the file or on the
     # command line win over it, wherever the preset itself was chosen.
