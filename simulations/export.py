@@ -15,13 +15,15 @@ label, as a device would store it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import soundfile
@@ -53,6 +55,44 @@ def sample_name(index: int) -> str:
     return f"s{index:05d}"
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuse an output folder that exists and is not empty.
+
+    Raises
+    ------
+    FileExistsError
+        If ``out`` exists and is not an empty directory.
+    """
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; refusing to overwrite it.")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to build a folder in; rename it into place on success.
+
+    A reader never sees a half-written folder: on any exception the temporary folder is
+    removed and ``out`` is left as it was (absent or empty, see :func:`check_output_folder`).
+    """
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():  # a leftover of an earlier crash of this same process id
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():  # empty, checked by the caller
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_index(folder: Path, index: Mapping[str, Any]) -> None:
+    """Write ``federation.json`` of a federation folder."""
+    (folder / FEDERATION_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
 def write_federation(fed: SyntheticFederation, out_dir: Path) -> Path:
     """Render every device of ``fed`` and write the federation folder ``out_dir``.
 
@@ -79,15 +119,8 @@ def write_federation(fed: SyntheticFederation, out_dir: Path) -> Path:
         If a file cannot be written; the temporary folder is removed.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        raise FileExistsError(
-            f"{out_dir} exists and is not an empty folder; refusing to overwrite it."
-        )
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():  # a leftover of an earlier crash of this same process id
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    check_output_folder(out_dir)
+    with staged_folder(out_dir) as tmp:
         devices = [device_name(d) for d in range(fed.num_devices)]
         for d, name in enumerate(devices):
             _write_device(fed, d, tmp / name)
@@ -99,13 +132,7 @@ def write_federation(fed: SyntheticFederation, out_dir: Path) -> Path:
             "seed": fed.seed,
             "config": dataclasses.asdict(fed.config),
         }
-        (tmp / FEDERATION_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():  # empty, checked above
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_index(tmp, index)
     logger.info("Wrote synthetic federation of %d devices to %s", fed.num_devices, out_dir)
     return out_dir
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from models.labels import EMOTIONS
-from simulations.export import FEDERATION_FILE, FEDERATION_FORMAT, SAMPLES_FILE
+from simulations.export import FEDERATION_FORMAT, SAMPLES_FILE, check_output_folder, staged_folder, write_index
 from simulations.importers.base import CorpusImportError, ImportContext, SourceSample
 from simulations.importers.layout import DevicePlan, plan_dirichlet, plan_identity
 from simulations.importers.media import (
@@ -145,8 +145,7 @@ def import_corpus(
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"corpus folder not found: {src}")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; refusing to overwrite it.")
+    check_output_folder(out)
     src_abs, out_abs = src.resolve(), out.resolve()
     if out_abs == src_abs or src_abs in out_abs.parents:
         raise ValueError(f"the output folder {out} must not lie inside the corpus folder {src}.")
@@ -155,12 +154,9 @@ def import_corpus(
     started = time.perf_counter()
     ctx = ImportContext(importer.name, importer.label_corpus)
     rng = np.random.default_rng(seed)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():  # a leftover of an earlier crash of this same process id
-        shutil.rmtree(tmp)
-    staging = tmp / ".staging"
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(out) as tmp:
+        staging = tmp / ".staging"
+        staging.mkdir()
         say(f"{importer.name}: reading {src}")
         kept, read = _convert_all(importer.scan(src, ctx), staging, ctx, max_file_bytes, say, importer.name)
         if read == 0 and not ctx.skipped:
@@ -198,13 +194,7 @@ def import_corpus(
             "label_mapping": dict(sorted(ctx.seen_labels.items())),
             "report": report.to_dict(),
         }
-        (tmp / FEDERATION_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        if out.exists():  # empty, checked above
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_index(tmp, index)
     logger.info(
         "Imported %s: %d samples on %d devices (+%d held out) into %s",
         importer.name, report.samples, len(report.devices), len(report.heldout), out,

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.export import FEDERATION_FILE, FEDERATION_FORMAT, SAMPLES_FILE
+from simulations.export import FEDERATION_FILE, FEDERATION_FORMAT, SAMPLES_FILE, check_output_folder, staged_folder, write_index
 
 __all__ = ["MODALITY_KEYS", "PairingReport", "pair_federations"]
 
@@ -179,17 +179,12 @@ def pair_federations(
     folders = {m: Path(p) for m, p in sources.items()}
     metas = {m: _read_index(folder) for m, folder in folders.items()}
     out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; refusing to overwrite it.")
+    check_output_folder(out)
     rng = np.random.default_rng(seed)
     report = PairingReport(
         sources={m: str(metas[m].get("source", folders[m].name)) for m in MODALITY_KEYS}, anchor=anchor, out=str(out)
     )
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(out) as tmp:
         written: dict[str, list[str]] = {"devices": [], "heldout": []}
         for group in ("devices", "heldout"):
             # Fallback pools: the whole group of a corpus, for labels device k lacks.
@@ -220,13 +215,7 @@ def pair_federations(
             "seed": seed,
             "pairing": report.to_dict(),
         }
-        (tmp / FEDERATION_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_index(tmp, index)
     return report
 
 
