@@ -160,7 +160,12 @@ def read_device_folder(folder: str | Path) -> tuple[list[RawSample], list[RawSam
     return train, test, skipped
 
 
-def _inside(root: Path, rel: Any, skipped: Counter[str], kind: str) -> Path | None:
+def device_file(root: Path, rel: Any, skipped: Counter[str], kind: str) -> Path | None:
+    """The file ``rel`` names inside the device folder ``root``, or None (counted in ``skipped``).
+
+    A path that is not a non-empty string, leaves the folder or names no file is refused
+    with a ``"<kind>: ..."`` reason; None (no such medium) is not counted.
+    """
     if rel is None:
         return None
     if not isinstance(rel, str) or not rel:
@@ -177,7 +182,7 @@ def _inside(root: Path, rel: Any, skipped: Counter[str], kind: str) -> Path | No
 
 
 def _read_face(root: Path, rel: Any, skipped: Counter[str]) -> np.ndarray | None:
-    path = _inside(root, rel, skipped, "face")
+    path = device_file(root, rel, skipped, "face")
     if path is None:
         return None
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -188,7 +193,7 @@ def _read_face(root: Path, rel: Any, skipped: Counter[str]) -> np.ndarray | None
 
 
 def _read_voice(root: Path, rel: Any, skipped: Counter[str]) -> tuple[np.ndarray, int] | None:
-    path = _inside(root, rel, skipped, "voice")
+    path = device_file(root, rel, skipped, "voice")
     if path is None:
         return None
     try:

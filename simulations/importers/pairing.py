@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from simulations.export import FEDERATION_FILE, FEDERATION_FORMAT, SAMPLES_FILE, check_output_folder, staged_folder, write_index
+from client.data import device_file, read_federation
+from simulations.export import FEDERATION_FORMAT, SAMPLES_FILE, check_output_folder, staged_folder, write_index
 
 __all__ = ["MODALITY_KEYS", "PairingReport", "pair_federations"]
 
@@ -56,6 +57,7 @@ class PairingReport:
     reused: Counter[str] = field(default_factory=Counter)  # modality -> draws that repeat a sample
     from_other_devices: Counter[str] = field(default_factory=Counter)  # drawn from another device of the group
     labels: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> source samples or media not used
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (also written into ``federation.json``)."""
@@ -72,6 +74,7 @@ class PairingReport:
             "missing": dict(self.missing),
             "reused": dict(self.reused),
             "from_other_devices": dict(self.from_other_devices),
+            "skipped": dict(self.skipped),
         }
 
     def format_text(self) -> str:
@@ -91,39 +94,67 @@ class PairingReport:
         if self.from_other_devices:
             lines.append("  from another device (label absent on the matching one): "
                          + ", ".join(f"{m} {k}" for m, k in sorted(self.from_other_devices.items())))
+        if self.skipped:
+            lines.append("  skipped in the sources: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))
         if self.reused:
             lines.append("  drawn again (fewer same-label samples than the anchor has): "
                          + ", ".join(f"{m} {k}" for m, k in sorted(self.reused.items())))
         return "\n".join(lines)
 
 
-def _read_index(folder: Path) -> dict[str, Any]:
-    index = folder / FEDERATION_FILE
-    if not index.is_file():
-        raise FileNotFoundError(f"{folder} is not a federation folder: {FEDERATION_FILE} is missing")
-    meta = json.loads(index.read_text(encoding="utf-8"))
-    if not isinstance(meta, dict) or meta.get("format") != FEDERATION_FORMAT or not meta.get("devices"):
-        raise ValueError(f"{index}: not an {FEDERATION_FORMAT} index with devices")
-    return meta
+class _SampleReader:
+    """Reads each source device's ``samples.jsonl`` once, keeping only usable media.
 
+    A line that is not a JSON object is skipped; a face or voice path that leaves its
+    device folder or names no file, or an empty text, is dropped from its record. Both
+    are counted in ``skipped`` by reason, once per source device.
+    """
 
-def _read_samples(device: Path) -> list[dict[str, Any]]:
-    records = []
-    for line in (device / SAMPLES_FILE).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+    def __init__(self, skipped: Counter[str]) -> None:
+        self.skipped = skipped
+        self._cache: dict[Path, list[dict[str, Any]]] = {}
+
+    def read(self, device: Path) -> list[dict[str, Any]]:
+        if device not in self._cache:
+            self._cache[device] = self._load(device)
+        return self._cache[device]
+
+    def _load(self, device: Path) -> list[dict[str, Any]]:
+        path = device / SAMPLES_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            self.skipped["unreadable samples.jsonl"] += 1
+            return []
+        records = []
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                self.skipped["bad samples.jsonl line"] += 1
+                continue
+            for modality in ("face", "voice"):
+                if record.get(modality) is not None and device_file(device, record[modality], self.skipped, modality) is None:
+                    record[modality] = None
+            text_value = record.get("text")
+            if text_value is not None and not (isinstance(text_value, str) and text_value.strip()):
+                self.skipped["text: empty or not a string"] += 1
+                record["text"] = None
+            records.append(record)
+        return records
 
 
 class _Pool:
     """Same-label, same-split samples of one modality on some source devices, drawn in turn."""
 
-    def __init__(self, devices: list[Path], modality: str, rng: np.random.Generator) -> None:
+    def __init__(self, devices: list[Path], modality: str, rng: np.random.Generator, reader: _SampleReader) -> None:
         self.by_key: dict[tuple[str, str], list[tuple[Path, dict[str, Any]]]] = defaultdict(list)
         for device in devices:
-            for record in _read_samples(device):
+            for record in reader.read(device):
                 if record.get(modality):
                     key = (str(record.get("label")), str(record.get("split", "train")))
                     self.by_key[key].append((device, record))
@@ -177,19 +208,20 @@ def pair_federations(
     if anchor not in MODALITY_KEYS:
         raise ValueError(f"anchor must be one of {', '.join(MODALITY_KEYS)}. Found {anchor!r}.")
     folders = {m: Path(p) for m, p in sources.items()}
-    metas = {m: _read_index(folder) for m, folder in folders.items()}
+    metas = {m: read_federation(folder) for m, folder in folders.items()}
     out = Path(out)
     check_output_folder(out)
     rng = np.random.default_rng(seed)
     report = PairingReport(
         sources={m: str(metas[m].get("source", folders[m].name)) for m in MODALITY_KEYS}, anchor=anchor, out=str(out)
     )
+    reader = _SampleReader(report.skipped)
     with staged_folder(out) as tmp:
         written: dict[str, list[str]] = {"devices": [], "heldout": []}
         for group in ("devices", "heldout"):
             # Fallback pools: the whole group of a corpus, for labels device k lacks.
             fallback = {
-                m: _Pool([folders[m] / d for d in metas[m].get(group, [])], m, rng)
+                m: _Pool([folders[m] / d for d in metas[m].get(group, [])], m, rng, reader)
                 for m in MODALITY_KEYS
                 if m != anchor
             }
@@ -202,8 +234,8 @@ def pair_federations(
                     if not candidates:
                         continue  # that corpus has no such devices: the modality stays missing
                     device = folders[modality] / candidates[k % len(candidates)]
-                    others[modality] = (_Pool([device], modality, rng), fallback[modality])
-                _pair_device(folders[anchor] / name, tmp / name, anchor, others, report, group == "heldout")
+                    others[modality] = (_Pool([device], modality, rng, reader), fallback[modality])
+                _pair_device(folders[anchor] / name, tmp / name, anchor, others, report, reader, group == "heldout")
                 written[group].append(name)
         index = {
             "format": FEDERATION_FORMAT,
@@ -239,12 +271,13 @@ def _pair_device(
     anchor: str,
     others: Mapping[str, tuple[_Pool, _Pool]],
     report: PairingReport,
+    reader: _SampleReader,
     heldout: bool,
 ) -> None:
     dst.mkdir()
     lines = []
     counts: Counter[str] = Counter()
-    for record in _read_samples(anchor_device):
+    for record in reader.read(anchor_device):
         if not record.get(anchor):
             continue
         label, split = str(record.get("label")), "test" if heldout else str(record.get("split", "train"))
