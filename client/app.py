@@ -126,7 +126,7 @@ class DeviceGuardMod(OutgoingGuardMod):
             return reply
         try:
             key = _ledger_key(reply.content, ctxt)
-            _no_personal_layers(reply.content, ctxt)
+            _no_personal_layers(reply.content, ctxt, msg.content)
         except GuardViolation as err:
             logger.error("%s", err)
             return self._blocked(msg, "privacy guard blocked the reply: " + ", ".join(err.kinds))
@@ -136,7 +136,7 @@ class DeviceGuardMod(OutgoingGuardMod):
         return checked if checked.has_error() else reply
 
 
-def _no_personal_layers(content: RecordDict, ctxt: Context) -> None:
+def _no_personal_layers(content: RecordDict, ctxt: Context, received: RecordDict) -> None:
     if not any(len(record) for record in content.array_records.values()):
         return
     try:
@@ -151,7 +151,7 @@ def _no_personal_layers(content: RecordDict, ctxt: Context) -> None:
             f"Outgoing message blocked: the device's store is unusable ({err}).",
             kinds=("personal layer",),
         ) from None
-    leaked = personal_arrays_in(content, personal) if personal else []
+    leaked = personal_arrays_in(content, personal, received) if personal else []
     if leaked:
         raise GuardViolation(
             f"Outgoing message blocked: array(s) {sorted(leaked)[:4]} hold the device's personal layers.",
@@ -240,19 +240,20 @@ def _handle(msg: Message, context: Context, *, train: bool) -> Message:
         cfg = _config(msg)
         torch.set_num_threads(cfg.runtime.threads)
         data = load_device_data(cfg, context.node_config)
+        if train and data.heldout:
+            return _error_reply(msg, ERROR_HELDOUT, f"{data.device_id} is a held-out device: it evaluates, never trains")
         if "arrays" not in msg.content.array_records:
             raise ConfigError("message carries no 'arrays' record")
         arrays = msg.content["arrays"]
         model = _model(cfg, arrays)
         device = select_device(cfg.runtime)
         if train:
-            if data.heldout:
-                return _error_reply(
-                    msg, ERROR_HELDOUT, f"{data.device_id} is a held-out device: it evaluates, never trains"
-                )
             return _train(cfg, msg, context, model, arrays, data.train, device)
         metrics = _evaluate(cfg, model, data.test, device)
-        if cfg.personal.enabled:
+        if cfg.personal.enabled and data.heldout:
+            # Nothing to fine-tune on: a held-out device's personalised model is the global one.
+            metrics[PERSONAL_ACCURACY_KEY] = metrics["accuracy"]
+        elif cfg.personal.enabled:
             with open_device_store(context) as store:
                 metrics[PERSONAL_ACCURACY_KEY] = personalise(
                     model,

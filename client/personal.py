@@ -158,19 +158,34 @@ def save_personal(store: EncryptedStore, arrays: Mapping[str, np.ndarray]) -> No
     store.put_arrays(PERSONAL_OBJECT, {k: np.ascontiguousarray(v) for k, v in arrays.items()})
 
 
-def personal_arrays_in(content: RecordDict, personal: Mapping[str, np.ndarray]) -> list[str]:
+def personal_arrays_in(
+    content: RecordDict, personal: Mapping[str, np.ndarray], received: RecordDict | None = None
+) -> list[str]:
     """Names of the reply arrays whose values equal one of the personal arrays.
 
     The global version of a personal module has the same name and shape as the personal
     one, so only the values tell them apart: a reply carrying the personal version (for
-    instance a model left with its personal weights swapped in) matches exactly.
+    instance a model left with its personal weights swapped in) matches exactly. A reply
+    array equal to the array of the same name in ``received`` (what the server sent)
+    carries nothing the server does not have, and is not counted: weights that get no
+    gradient (an auxiliary head of a modality the device lacks) come back unchanged and
+    equal to a personal copy that fine-tuning could not move either.
     """
+    sent: dict[str, np.ndarray] = {}
+    for record in (received.array_records.values() if received is not None else ()):
+        for key, array in record.items():
+            try:
+                sent[key] = array.numpy()
+            except Exception:  # noqa: BLE001 - undecodable arrays are the base guard's concern
+                continue
     found = []
     for record in content.array_records.values():
         for key, array in record.items():
             try:
                 value = array.numpy()
             except Exception:  # noqa: BLE001 - undecodable arrays are the base guard's concern
+                continue
+            if key in sent and sent[key].shape == value.shape and np.array_equal(sent[key], value):
                 continue
             if any(
                 value.shape == p.shape and value.dtype == p.dtype and np.array_equal(value, p)

@@ -355,3 +355,19 @@ def test_deployed_device_keeps_layers_in_its_folder_across_runs(tmp_path: Path) 
     # Same seed and the same (global) starting point: the head is re-derived exactly, not
     # warm-started from the stored one (which would move it further).
     assert len(stored) == 8 and np.array_equal(stored["head.weight"], first["head.weight"])
+
+
+def test_guard_passes_weights_returned_as_the_server_sent_them(tmp_path: Path) -> None:
+    """Weights that got no gradient come back as sent; equal to a personal copy, they still go out."""
+    context = _make_context(2, tmp_path)
+    arrays = _make_arrays()
+    assert not app(_make_message(MessageType.EVALUATE, arrays), context).has_error()
+    personal = _stored_personal(context)
+    metrics = MetricRecord({"num-examples": 9, "train-loss": 1.0, "steps": 1})
+    # The server's global head equals the device's personal head (neither could move).
+    sent = ArrayRecord({k: Array(personal[k]) if k in personal else a for k, a in arrays.items()})
+    unchanged = _guarded_reply(context, sent, RecordDict({"arrays": sent, "metrics": metrics}))
+    assert not unchanged.has_error(), unchanged.error
+    # Sent anything else, the same values are still the personal head, and refused.
+    blocked = _guarded_reply(context, arrays, RecordDict({"arrays": sent, "metrics": metrics}))
+    assert blocked.has_error() and "personal layer" in (blocked.error.reason or "")
