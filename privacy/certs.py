@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from privacy._atomic import atomic_write_bytes
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -51,7 +52,7 @@ class CertificateSet:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a secret to a new file that only its owner can read.
+    """Write a secret to a new file that only its owner can read, atomically.
 
     Raises
     ------
@@ -59,24 +60,12 @@ def write_private(path: Path, data: bytes) -> None:
         If ``path`` exists: a key is never overwritten.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, mode=0o600, overwrite=False)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    if path.exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data, mode=0o644, overwrite=False)
 
 
 def check_host(host: str) -> str:
