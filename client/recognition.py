@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import safetensors
-import safetensors.numpy
 import torch
 
 from client.store import EncryptedStore, StoreError
@@ -111,7 +110,7 @@ def load_global_model(source: Path) -> LoadedModel:
     try:
         with safetensors.safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
-        arrays = safetensors.numpy.load_file(str(path))
+            arrays = {key: handle.get_tensor(key) for key in handle.keys()}
     except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as err:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ModelLoadError(f"--model {path}: not a readable safetensors weights file ({detail})") from None

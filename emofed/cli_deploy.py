@@ -194,6 +194,7 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     started = time.monotonic()
     signal.signal(signal.SIGTERM, _raise_interrupt)
     progress = _progress
+    finished = False
     try:
         security = "INSECURE, device authentication OFF" if args.insecure else "TLS, device authentication on"
         progress(f"starting the SuperLink on {args.host}:{args.port} ({security})")
@@ -214,6 +215,7 @@ def cmd_server_start(args: argparse.Namespace) -> int:
             on_line=make_line_printer(args.verbose),
         )
         print_run_result(result.run_dir, started)
+        finished = True
         if args.keep_running:
             progress("run done; the SuperLink keeps running (Ctrl-C to stop it)")
             while True:
@@ -221,6 +223,9 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     except CoordinatorError as err:
         return _fail(str(err), code=1)
     except KeyboardInterrupt:
+        if finished:
+            progress("SuperLink stopped")
+            return 0
         return _fail(f"interrupted; partial output (if any) in {run_dir}.incomplete", code=130)
     finally:
         coordinator.stop()

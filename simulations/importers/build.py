@@ -21,7 +21,7 @@ import numpy as np
 from models.labels import EMOTIONS
 from simulations.export import FEDERATION_FORMAT, SAMPLES_FILE, check_output_folder, staged_folder, write_index
 from simulations.importers.base import CorpusImportError, ImportContext, SourceSample
-from simulations.importers.layout import DevicePlan, plan_dirichlet, plan_identity
+from simulations.importers.layout import POOLED_IDENTITY, DevicePlan, plan_dirichlet, plan_identity
 from simulations.importers.media import (
     MediaSkip,
     write_image,
@@ -400,13 +400,13 @@ def _write(
         n_test = int(plan.test.sum())
         if plan.heldout:
             report.heldout[plan.name] = int(plan.members.size)
-            report.heldout_identities.extend(i for i in plan.identities if i != "other")
+            report.heldout_identities.extend(i for i in plan.identities if i != POOLED_IDENTITY)
         else:
             report.devices[plan.name] = {"train": int(plan.members.size) - n_test, "test": n_test}
         identities.update(plan.identities)
     shutil.rmtree(staging)
     report.samples = sum(labels.values())
-    report.identities = len(identities - {"other"}) if partition == "identity" else 0
+    report.identities = len(identities - {POOLED_IDENTITY}) if partition == "identity" else 0
     report.labels = {name: labels[name] for name in EMOTIONS if labels[name]}
     table: dict[str, dict[str, Any]] = {key: {"to": raw_to[key], "samples": n} for key, n in raw.items()}
     for key, n in ctx.dropped_labels.items():

@@ -82,15 +82,8 @@ def _fail(message: str) -> int:
 def cmd_data_import(args: argparse.Namespace) -> int:
     """Import a corpus; print the report and return 0, or a one-line error and return 2."""
     from simulations.importers.build import import_corpus
-    from simulations.importers.registry import get_importer
 
-    try:
-        get_importer(args.corpus)
-    except ValueError as err:
-        return _fail(str(err))
     src, out = Path(args.src), Path(args.out)
-    if not src.is_dir():
-        return _fail(f"corpus folder not found: {src}")
     if args.max_file_mb <= 0:
         return _fail(f"--max-file-mb must be > 0. Found {args.max_file_mb}.")
 
