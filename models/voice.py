@@ -133,6 +133,7 @@ class VoicePreprocessor:
         self.clip_samples = max(1, round(config.clip_seconds * config.sample_rate))
         # Shorter than one analysis window there is no spectral frame of real signal.
         self.min_samples = config.n_fft
+        self._resamplers: dict[tuple[int, torch.dtype], torchaudio.transforms.Resample] = {}
         self._melspec = torchaudio.transforms.MelSpectrogram(
             sample_rate=config.sample_rate,
             n_fft=config.n_fft,
@@ -201,13 +202,22 @@ class VoicePreprocessor:
             samples = samples[start : start + keep]
         wave = torch.from_numpy(np.ascontiguousarray(samples))  # (T,)
         if sample_rate != target_rate:
-            wave = torchaudio.functional.resample(wave, int(sample_rate), target_rate)
+            wave = self._resampler(int(sample_rate), wave.dtype)(wave)
         wave = self._fit_length(wave)  # (clip_samples,)
         with torch.no_grad():
             power = self._melspec(wave)  # (n_mels, frames)
             decibels = self._to_db(power)
         scaled = (decibels - DB_OFFSET) / DB_SCALE
         return scaled.unsqueeze(0).to(torch.float32)  # (1, n_mels, frames)
+
+    def _resampler(self, rate: int, dtype: torch.dtype) -> torchaudio.transforms.Resample:
+        # The windowed-sinc kernel depends only on the two rates; building it is most of a
+        # resample's cost (hundreds of MB for awkward rates), so a device streaming windows
+        # from one microphone builds it once.
+        key = (rate, dtype)
+        if key not in self._resamplers:
+            self._resamplers[key] = torchaudio.transforms.Resample(rate, self.config.sample_rate, dtype=dtype)
+        return self._resamplers[key]
 
     def _fit_length(self, wave: torch.Tensor) -> torch.Tensor:
         """Centre-crop or symmetrically zero-pad ``wave`` (T,) to ``clip_samples``."""
