@@ -9,6 +9,12 @@ update the policy. What the device keeps (policy state, personal layers) lives i
 encrypted store (``client.store``) under ``<device-dir>/store``; the policy state is written
 after every window, atomically, so a crash or an interrupt loses at most one window.
 
+A session with a live source (a camera, an audio stream) is live: its windows follow the
+wall clock from the session's start, each is read once the clock has passed its end, and its
+decisions are stamped with the wall clock. It ends when every source is exhausted (the camera
+stops delivering, the stream's writer closes it, stdin closes, a text file's lines are used),
+after ``duration_s``, or on Ctrl-C.
+
 A modality counts as present in a window only when it carries a signal: a frame in which
 OpenCV detects a face (a camera pointed at a wall is not a face), audio louder than
 ``silence_db`` dBFS (RMS), a non-blank text. A window with none of them makes no decision.
@@ -35,7 +41,16 @@ from typing import Any
 
 import numpy as np
 
-from client.capture import AudioSource, CaptureError, FeedbackLine, LiveLines, TextSource, VideoSource, parse_feedback
+from client.capture import (
+    AudioSource,
+    AudioStream,
+    CaptureError,
+    FeedbackLine,
+    LiveLines,
+    TextSource,
+    VideoSource,
+    parse_feedback,
+)
 from client.expression import MiniLMEncoder, TextEmbedder
 from client.policy import Decision, Policy, PolicyConfig
 from client.recognition import Recogniser
@@ -89,7 +104,7 @@ class RuntimeConfig:
 
     window_s: float = 2.0  # one decision per window
     silence_db: float = -50.0  # audio quieter than this (RMS, dBFS) counts as no voice
-    duration_s: float | None = None  # stop after this many seconds (camera sessions)
+    duration_s: float | None = None  # stop after this many seconds (live sessions)
 
     def __post_init__(self) -> None:
         """Check ranges once, at the edge."""
@@ -356,7 +371,7 @@ def run_session(
     store: EncryptedStore,
     config: RuntimeConfig,
     video: VideoSource | None = None,
-    audio: AudioSource | None = None,
+    audio: AudioSource | AudioStream | None = None,
     text: TextSource | None = None,
     feedback: Sequence[FeedbackLine] = (),
     live_feedback: LiveLines | None = None,
@@ -372,7 +387,8 @@ def run_session(
     config : RuntimeConfig
         Window length, silence level, duration.
     video, audio, text : sources, optional
-        At least one is needed.
+        At least one is needed. A camera or an audio stream makes the session live; a live
+        audio stream cannot go with a video file (file time against wall-clock time).
     feedback : sequence of FeedbackLine
         From a feedback file: by decision id, or plain (the next interventions, in order).
     live_feedback : LiveLines, optional
@@ -391,13 +407,16 @@ def run_session(
     Raises
     ------
     ValueError
-        If no input is given.
+        If no input is given, or an audio stream comes with a video file.
     CaptureError
         If an input turns out to be corrupt part-way (the state of every finished window
         is saved).
     """
     if video is None and audio is None and text is None:
         raise ValueError("Give at least one input: video or camera, audio, text.")
+    if audio is not None and audio.live and video is not None and not video.live:
+        raise ValueError("an audio stream is timed by the wall clock and a video file by its frames; "
+                         "give the stream with a camera, or the video with an audio file")
     timer = StageTimer()
     report = SessionReport()
     # Message retrieval and the avatar's face run inside Policy.decide; timing them there
@@ -412,7 +431,11 @@ def run_session(
     if report.feedback:
         store.put_json(POLICY_OBJECT, policy.state_dict())
     window = config.window_s
-    live = video is not None and video.live
+    live_sources = [s for s in (video, audio) if s is not None and s.live]
+    live = bool(live_sources)
+    zero = time.monotonic()
+    for source in live_sources:  # one clock for all, from now (not from when they were opened)
+        source.start_clock(zero)
     index = 0
     try:
         while True:
@@ -427,7 +450,7 @@ def run_session(
             done = (
                 (video is None or video.exhausted)
                 and (audio is None or audio.done_at(end))
-                and (text is None or (index + 1 >= text.windows_needed and (not live or text.exhausted)))
+                and (text is None or (index + 1 >= text.windows_needed and (not text.live or text.exhausted)))
             )
             if frame is None and samples is None and line is None:
                 timer.discard_window()
@@ -476,6 +499,8 @@ def run_session(
     finally:
         matcher.poll()
         matcher.finish()
+        if isinstance(audio, AudioStream):
+            report.warnings.extend(audio.warnings)
         store.put_json(POLICY_OBJECT, policy.state_dict())
         report.latency = timer.summary()
         report.table = timer.format_table()

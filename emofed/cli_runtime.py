@@ -1,4 +1,4 @@
-"""`emofed device run`: on-device recognition and emotion management over a camera or a clip."""
+"""`emofed device run`: on-device recognition and emotion management over a camera, a microphone stream or a clip."""
 
 from __future__ import annotations
 
@@ -26,7 +26,18 @@ def add_run_parser(device_sub: argparse._SubParsersAction) -> None:
     video = run.add_mutually_exclusive_group()
     video.add_argument("--video", metavar="FILE", help="a video file (any format OpenCV decodes)")
     video.add_argument("--camera", metavar="N", type=int, help="a camera index (live; stop with Ctrl-C or --duration)")
-    run.add_argument("--audio", metavar="FILE", help="a WAV (or FLAC/OGG) file, aligned with the video's start")
+    audio = run.add_mutually_exclusive_group()
+    audio.add_argument("--audio", metavar="FILE", help="a WAV (or FLAC/OGG) file, aligned with the video's start")
+    audio.add_argument(
+        "--audio-stream", metavar="PATH",
+        help="live raw PCM, signed 16-bit little-endian, from a named pipe (mkfifo) or file, e.g. fed by "
+        "`arecord -q -f S16_LE -r 16000 -c 1 -t raw`; ends when its writer closes it (not with --video FILE)",
+    )
+    run.add_argument("--audio-rate", metavar="HZ", type=int, help="sample rate of --audio-stream (default 16000)")
+    run.add_argument(
+        "--audio-channels", metavar="N", type=int,
+        help="interleaved channels of --audio-stream, mixed to mono (default 1)",
+    )
     run.add_argument(
         "--text", metavar="FILE", help="text lines ('-': stdin); '[SECONDS] text' places a line in time, "
         "plain lines of a file fill windows in order",
@@ -74,8 +85,14 @@ def _passphrase(path: str) -> str:
 def cmd_device_run(args: argparse.Namespace) -> int:
     """Run the device: capture, recognise, manage, express; feedback; latency at the end."""
     device_dir = Path(args.device_dir)
-    if args.video is None and args.camera is None and args.audio is None and args.text is None:
-        return _fail("give at least one input: --video FILE or --camera N, --audio FILE, --text FILE")
+    if all(x is None for x in (args.video, args.camera, args.audio, args.audio_stream, args.text)):
+        return _fail("give at least one input: --video FILE or --camera N, --audio FILE or --audio-stream PATH, "
+                     "--text FILE")
+    if args.audio_stream is None and (args.audio_rate is not None or args.audio_channels is not None):
+        return _fail("--audio-rate and --audio-channels describe --audio-stream; an audio file says its own")
+    if args.audio_stream is not None and args.video is not None:
+        return _fail("--audio-stream is timed by the wall clock and --video FILE by its frames; "
+                     "use --camera N with the stream, or --audio FILE with the video")
     if args.text == "-" and args.feedback == "-":
         return _fail("--text and --feedback cannot both read stdin; give one of them a file")
     if args.threads < 1:
@@ -94,7 +111,17 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     # Heavy imports once the arguments are known to be good.
     import torch
 
-    from client.capture import AudioSource, CaptureError, LiveLines, TextSource, VideoSource, read_feedback, read_lines
+    from client.capture import (
+        DEFAULT_STREAM_BUFFER_S,
+        AudioSource,
+        AudioStream,
+        CaptureError,
+        LiveLines,
+        TextSource,
+        VideoSource,
+        read_feedback,
+        read_lines,
+    )
     from client.policy import load_policy_config
     from client.recognition import ModelLoadError, Recogniser, apply_personal_layers, load_global_model
     from client.runtime import (
@@ -110,8 +137,8 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     from emofed.config import ConfigError
 
     torch.set_num_threads(args.threads)
-    live = args.camera is not None
-    sources: list[VideoSource | AudioSource] = []
+    live = args.camera is not None or args.audio_stream is not None
+    sources: list[VideoSource | AudioSource | AudioStream] = []
     store = None
     try:
         # Inputs and the model first: a bad input never creates or touches the store.
@@ -121,10 +148,19 @@ def cmd_device_run(args: argparse.Namespace) -> int:
             if action not in policy_config.action_names:
                 raise ConfigError(f"unknown action {action!r}; known: {', '.join(policy_config.action_names)}")
         video = None
-        if args.video is not None or live:
-            video = VideoSource(args.camera if live else args.video, live=live)
+        if args.video is not None or args.camera is not None:
+            video = VideoSource(args.video if args.camera is None else args.camera, live=args.camera is not None)
             sources.append(video)
-        audio = AudioSource(args.audio) if args.audio is not None else None
+        audio: AudioSource | AudioStream | None = None
+        if args.audio is not None:
+            audio = AudioSource(args.audio)
+        elif args.audio_stream is not None:
+            # A window is read only once it has ended: room for one, and as much again of slack.
+            audio = AudioStream(
+                args.audio_stream, sample_rate=16000 if args.audio_rate is None else args.audio_rate,
+                channels=1 if args.audio_channels is None else args.audio_channels,
+                buffer_s=config.window_s + DEFAULT_STREAM_BUFFER_S,
+            )
         if audio is not None:
             sources.append(audio)
         text = None
@@ -161,6 +197,10 @@ def cmd_device_run(args: argparse.Namespace) -> int:
                 f"({personal}); policy at decision {state['step']}",
                 file=sys.stderr, flush=True,
             )
+            if isinstance(audio, AudioStream):
+                print(f"emofed device: reading {audio.name} ({audio.sample_rate} Hz, {audio.channels} channel(s), "
+                      "s16le); the session ends when its writer closes it, after --duration or on Ctrl-C",
+                      file=sys.stderr, flush=True)
             report = run_session(
                 recogniser=recogniser, policy=policy, store=store, config=config, video=video, audio=audio,
                 text=text, feedback=feedback, live_feedback=live_feedback,

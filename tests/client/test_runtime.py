@@ -74,14 +74,14 @@ def _tree_digest(path: Path) -> dict[str, str]:
     }
 
 
-def _check_decision(event: dict) -> None:
+def _check_decision(event: dict, window_s: float = WINDOW) -> None:
     """Raise AssertionError unless ``event`` is a well-formed decision event."""
     config = load_policy_config()
     assert tuple(event) == EVENT_KEYS
     assert event["type"] == "decision" and isinstance(event["id"], int)
     window = event["window"]
-    assert math.isclose(window["end_s"] - window["start_s"], WINDOW)
-    assert math.isclose(window["start_s"], window["index"] * WINDOW)
+    assert math.isclose(window["end_s"] - window["start_s"], window_s)
+    assert math.isclose(window["start_s"], window["index"] * window_s)
     assert event["modalities"] and set(event["modalities"]) <= set(MODALITIES)
     assert set(event["by_modality"]) == set(event["modalities"])
     for probabilities in (event["emotion"]["probabilities"], event["smoothed"]):
@@ -433,3 +433,4 @@ def test_switched_off_actions_stay_off_across_sessions(tmp_path, assets, capsys)
         assert store.get_json(POLICY_OBJECT)["switched_off"] == ["breathing_exercise"]
     code, _, err = _run(capsys, device, assets, "--key-file", str(key), "--switch-off", "yoga", inputs=("text",))
     assert code == 2 and "unknown action 'yoga'" in err
+
