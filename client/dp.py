@@ -4,9 +4,10 @@ Sample-level DP-SGD composes Opacus's public pieces (``GradSampleModule``,
 ``DPOptimizer``, ``DPDataLoader``) rather than ``PrivacyEngine``: the engine keeps an
 accountant of its own that lives only as long as the engine (one round, here), and in
 secure mode it needs ``torchcsprng``, which has no build for torch 2.11. The device's
-accountant is instead rebuilt every round from the device's own signed ledger on
-disk, which is the source of truth: it survives process restarts on a deployed
-device and Ray worker reuse in simulation, and the server receives the same chain.
+accountant is instead rebuilt every round from the device's own signed ledger in
+its encrypted store, which is the source of truth: it survives process restarts on a
+deployed device and Ray worker reuse in simulation, and the server receives the same
+chain.
 
 Per round, in this order (no release can exceed the budget)::
 
@@ -15,20 +16,34 @@ Per round, in this order (no release can exceed the budget)::
     ... DP-SGD with exactly `event` (private_training) ...
     epsilon = privacy.record(event, ...)                   # spend, then sign into the ledger
 
-A device's store (see :class:`DeviceStore`) holds ``ledger/`` (a ``LedgerStore`` with
-the device's own key enrolled, so ``emofed audit <store>`` works on a device) and
-``keys/ledger.key`` (Ed25519, owner-only).
+Everything a device keeps for its privacy lives in its encrypted store
+(:mod:`client.store`, ``<device folder>/store``, keyed by ``keys/store.key``; see
+:class:`DeviceStore`)::
+
+    ledger-key                  the Ed25519 ledger-signing key (32 raw bytes), created on
+                                first use and never written in plaintext
+    ledger.<run_id>.<device_id> the device's chain of one run, in the ledger format
+                                (``privacy.ledger_format``), byte for byte what it ships
+
+Each append verifies the chain with the device's key and replaces the object
+atomically under the store's writer lock, which :meth:`DevicePrivacy.record` holds
+from its budget check to the append, so concurrent processes of one device never
+overspend or fork the chain. A plaintext ``keys/ledger.key`` and this run's plaintext
+``ledger/`` chain left by an older version are imported once and then removed. The
+server keeps its verbatim copies of device chains in plaintext, in the run's
+``ledger/``: that is what ``emofed audit`` reads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +60,15 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
+from client.store import (
+    HEADER_FILE,
+    EncryptedStore,
+    StoreError,
+    StoreNotFound,
+    StoreTampered,
+    check_name,
+    generate_key_file,
+)
 from emofed.config import DeviceDPConfig, PrivacyConfig
 from emofed.protocol import (
     CLIPPING_NORM_KEY,
@@ -55,18 +79,32 @@ from emofed.protocol import (
 )
 from privacy.accounting import PrivacyEvent, calibrate_noise
 from privacy.budget import BudgetedAccountant, PrivacyBudget
-from privacy.errors import PrivacyBudgetExceeded
+from privacy.errors import LedgerTampered, PrivacyBudgetExceeded
 from privacy.guard import ledger_record
-from privacy.keys import load_or_create_private_key, load_private_key, secret_seed
+from privacy.keys import (
+    fingerprint,
+    generate_private_key,
+    load_private_key,
+    private_key_from_bytes,
+    private_key_to_bytes,
+    public_key_to_string,
+    secret_seed,
+)
 from privacy.ledger import Ledger
 from privacy.ledger_format import check_scope, event_of
-from privacy.ledger_store import LedgerStore
+from privacy.ledger_store import DEVICES_DIR, KEYS_FILE, LedgerStore, scope_path
 
 logger = logging.getLogger(__name__)
 
 RUN_DIR_KEY = "run-dir"  # run config (pyproject.toml): the ServerApp's run directory
-LEDGER_DIR = "ledger"
-KEY_FILE = Path("keys") / "ledger.key"
+KEYS_DIR = "keys"
+STORE_DIR = "store"  # <device folder>/store: the device's encrypted store
+STORE_KEY_FILE = "store.key"  # <device folder>/keys/store.key: its 32-byte key file (0600)
+KEY_OBJECT = "ledger-key"  # the store object holding the Ed25519 ledger-signing key
+CHAIN_PREFIX = "ledger"  # the store object ledger.<run_id>.<device_id>: one chain per run
+LEGACY_KEY_FILE = Path(KEYS_DIR) / "ledger.key"  # older versions' plaintext key, imported once
+LEGACY_LEDGER_DIR = "ledger"  # older versions' plaintext chains, imported once
+_MAX_OBJECT_NAME = 128  # client.store.check_name
 # δ must be well below 1/records: δ = 1/n allows publishing one record outright.
 DELTA_RECORDS_FACTOR = 10
 
@@ -76,21 +114,31 @@ DELTA_RECORDS_FACTOR = 10
 
 @dataclass(frozen=True)
 class DeviceStore:
-    """Where one device keeps its privacy state for one run.
+    """Where one device keeps its privacy state, and which of its chains is this run's.
+
+    Everything lives in the device's encrypted store (:mod:`client.store`): the
+    Ed25519 ledger-signing key (object ``ledger-key``, created on first use) and one
+    signed chain per run (object :attr:`chain_object`).
 
     Attributes
     ----------
     device_id : str
         The device's name in the ledger (scope ``device:<id>``).
-    root : Path
-        The run's store: ``root / "ledger"`` is a ledger directory.
-    key_path : Path
-        The device's Ed25519 ledger key (PKCS#8 PEM, 0600).
+    folder : Path
+        The device's folder: ``store/`` (the encrypted store) and ``keys/store.key``
+        (its 32-byte key file, owner-only).
+    run_id : int
+        The run; the device signs one chain per run.
+    legacy_root : Path
+        Where versions before the encrypted ledger kept this run's plaintext
+        ``ledger/`` (next to ``keys/ledger.key`` in :attr:`folder`); what is found
+        there is imported into the store once, then removed.
     """
 
     device_id: str
-    root: Path
-    key_path: Path
+    folder: Path
+    run_id: int
+    legacy_root: Path
 
     @property
     def scope(self) -> str:
@@ -98,21 +146,45 @@ class DeviceStore:
         return f"device:{self.device_id}"
 
     @property
-    def ledger_dir(self) -> Path:
-        """The device's ledger directory (``keys.json`` and ``devices/<id>.jsonl``)."""
-        return self.root / LEDGER_DIR
+    def store_path(self) -> Path:
+        """The device's encrypted store, ``<folder>/store``."""
+        return self.folder / STORE_DIR
+
+    @property
+    def store_key_path(self) -> Path:
+        """The store's key file, ``<folder>/keys/store.key``."""
+        return self.folder / KEYS_DIR / STORE_KEY_FILE
+
+    @property
+    def chain_object(self) -> str:
+        """The store object holding this run's chain: ``ledger.<run_id>.<device_id>``."""
+        name = f"{CHAIN_PREFIX}.{self.run_id}.{self.device_id}"
+        if len(name) > _MAX_OBJECT_NAME:  # a device id near its 128-character limit
+            digest = hashlib.sha256(self.device_id.encode()).hexdigest()[:32]
+            name = f"{CHAIN_PREFIX}.{self.run_id}.{digest}"
+        return check_name(name)
+
+    @property
+    def legacy_key_path(self) -> Path:
+        """Where older versions kept the ledger key in plaintext (PEM), migrated once."""
+        return self.folder / LEGACY_KEY_FILE
+
+    @property
+    def legacy_chain_path(self) -> Path:
+        """Where older versions kept this run's chain in plaintext, imported once."""
+        return scope_path(self.legacy_root / LEGACY_LEDGER_DIR, self.scope)
 
     @classmethod
     def from_context(cls, context: Context) -> DeviceStore:
-        """Resolve the device's id and store from Flower's node and run config.
+        """Resolve the device's id and folder from Flower's node and run config.
 
         The id is node config ``device-id``, else ``partition-id`` (simulation), else
-        Flower's node id. The store is, in order:
+        Flower's node id. The folder is, in order:
 
-        * deployment, node config ``device-dir``: the key in ``<dir>/keys/`` (one identity
-          per device) and the ledger in ``<dir>/runs/<run_id>/``, one chain per run: a
-          ledger's rounds may not go back and ``privacy.device.epsilon`` is a budget over
-          one run, so a new run starts a new chain;
+        * deployment, node config ``device-dir``: that folder, kept across runs (one
+          identity per device); the chain is per run: a ledger's rounds may not go back
+          and ``privacy.device.epsilon`` is a budget over one run, so a new run starts a
+          new chain;
         * simulation, run config ``device-root`` (set by the runner): ``<root>/<id>``;
         * run config ``run-dir``: ``<run-dir>.incomplete/simulated-devices/<id>``;
         * otherwise ``<tempdir>/emofed-devices/run-<run_id>/<id>``.
@@ -136,28 +208,225 @@ class DeviceStore:
                 f"Device id from {source} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}. "
                 f"Found {device_id!r}."
             ) from None
+        run_id = int(context.run_id)
         if node.get(DEVICE_DIR_KEY):
-            base = Path(str(node[DEVICE_DIR_KEY]))
-            return cls(device_id, base / "runs" / str(context.run_id), base / KEY_FILE)
+            folder = Path(str(node[DEVICE_DIR_KEY]))
+            return cls(device_id, folder, run_id, folder / "runs" / str(run_id))
         if run.get(DEVICE_ROOT_KEY):
-            root = Path(str(run[DEVICE_ROOT_KEY])) / device_id
+            folder = Path(str(run[DEVICE_ROOT_KEY])) / device_id
         elif run.get(RUN_DIR_KEY):
-            root = simulated_device_root(Path(str(run[RUN_DIR_KEY]))) / device_id
+            folder = simulated_device_root(Path(str(run[RUN_DIR_KEY]))) / device_id
         else:
-            root = Path(tempfile.gettempdir()) / "emofed-devices" / f"run-{context.run_id}" / device_id
-        return cls(device_id, root, root / KEY_FILE)
+            folder = Path(tempfile.gettempdir()) / "emofed-devices" / f"run-{run_id}" / device_id
+        return cls(device_id, folder, run_id, folder)
+
+    def open_store(self, *, create: bool = True) -> EncryptedStore:
+        """Open the device's encrypted store, by default creating it and its key file.
+
+        A new store gets a fresh key file (0600). An existing store is only ever opened
+        with the key file it has: a missing key file is an error, never replaced.
+
+        Parameters
+        ----------
+        create : bool
+            Create the store (and its key file) if there is none.
+
+        Raises
+        ------
+        client.store.StoreNotFound
+            If there is no store and ``create`` is False.
+        client.store.WrongStoreKey, client.store.StoreTampered
+            If the key file does not open the store, or its header was modified.
+        FileNotFoundError
+            If the store exists but its key file does not.
+        PermissionError
+            If the key file is accessible by group or others.
+        """
+        path, key_file = self.store_path, self.store_key_path
+        if create and not (path / HEADER_FILE).exists():
+            if not key_file.exists():
+                try:
+                    generate_key_file(key_file)
+                except FileExistsError:  # another process of the same device was quicker
+                    pass
+            try:
+                return EncryptedStore.create(path, key_file=key_file)
+            except FileExistsError:
+                pass
+        return EncryptedStore.open(path, key_file=key_file)
 
     def public_key(self) -> Ed25519PublicKey:
-        """The device's existing ledger key (never creates one).
+        """The device's existing ledger key (never creates one), read from its store.
 
         Raises
         ------
         FileNotFoundError
-            If the device has no key yet.
+            If the device has no store, store key file or ledger key yet.
         PermissionError
-            If the key file is readable by others.
+            If the store's key file is accessible by others.
+        ValueError
+            If the store does not open (wrong key, modified) or its key object is unusable.
         """
-        return load_private_key(self.key_path).public_key()
+        try:
+            with self.open_store(create=False) as store:
+                if KEY_OBJECT not in store:
+                    raise FileNotFoundError(
+                        f"Device {self.device_id} has no ledger key in its store "
+                        f"{self.store_path} yet."
+                    )
+                return _read_ledger_key(store).public_key()
+        except StoreNotFound:
+            raise
+        except StoreError as err:  # callers (the outgoing guard) fail closed on ValueError
+            raise ValueError(str(err)) from None
+
+
+def _read_ledger_key(store: EncryptedStore) -> Ed25519PrivateKey:
+    """The ledger key held in ``store``.
+
+    Raises
+    ------
+    client.store.StoreTampered
+        If the object fails authentication or does not hold an Ed25519 key.
+    """
+    try:
+        return private_key_from_bytes(store.get_bytes(KEY_OBJECT))
+    except (TypeError, ValueError):
+        raise StoreTampered(
+            f"Object {KEY_OBJECT!r} in device store {store.path} is not an Ed25519 private key."
+        ) from None
+
+
+def _load_ledger_key(device: DeviceStore, store: EncryptedStore) -> Ed25519PrivateKey:
+    """Load the device's ledger key from its store; create it, or import a plaintext one, once.
+
+    Under the store's writer lock, so two processes of one device never create two
+    identities. A plaintext ``keys/ledger.key`` from an older version is imported and
+    removed only after the store write committed; if a crash left it behind, it is
+    removed on the next open once it is found to be the same key.
+
+    Raises
+    ------
+    client.store.StoreError
+        If the store holds a different key than a plaintext ``keys/ledger.key`` left
+        beside it (neither is discarded).
+    PermissionError
+        If a plaintext key to import is accessible by group or others.
+    """
+    legacy = device.legacy_key_path
+    if KEY_OBJECT in store and not legacy.exists():  # every round but the first: no lock
+        return _read_ledger_key(store)
+    with store.locked():
+        if KEY_OBJECT in store:
+            key = _read_ledger_key(store)
+            if legacy.exists():
+                if fingerprint(load_private_key(legacy)) != fingerprint(key):
+                    raise StoreError(
+                        f"Device {device.device_id}: {legacy} holds another ledger key than its "
+                        f"store {device.store_path}; move the plaintext key away (the stored one "
+                        "signs the device's ledger)."
+                    )
+                legacy.unlink()  # a migration interrupted after its commit
+            return key
+        if legacy.exists():
+            key = load_private_key(legacy)
+            store.put_bytes(KEY_OBJECT, private_key_to_bytes(key))  # the commit point
+            legacy.unlink()
+            logger.info(
+                "Device %s: moved its ledger key %s into its encrypted store (fingerprint %s)",
+                device.device_id, legacy, fingerprint(key)[:16],
+            )
+            return key
+        key = generate_private_key()
+        store.put_bytes(KEY_OBJECT, private_key_to_bytes(key))
+        logger.debug(
+            "Device %s: created its ledger key (fingerprint %s)",
+            device.device_id, fingerprint(key)[:16],
+        )
+        return key
+
+
+class _StoreChain:
+    """One chain as one object of a device's encrypted store (a ``privacy.ledger.LedgerIO``).
+
+    Writes are the store's atomic replace; the lock is the store's writer lock,
+    re-entrant for the instance holding it, so an append may run inside
+    :meth:`DevicePrivacy.record`'s lock. An object that fails authentication is a
+    tampered ledger.
+    """
+
+    def __init__(self, store: EncryptedStore, name: str) -> None:
+        self.store = store
+        self.name = name
+
+    def read(self) -> bytes | None:
+        try:
+            return self.store.get_bytes(self.name)
+        except KeyError:
+            return None
+        except (StoreTampered, TypeError) as err:
+            raise LedgerTampered(f"{self.name}: {err}") from None
+
+    def write(self, data: bytes) -> None:
+        self.store.put_bytes(self.name, data)
+
+    def lock(self) -> AbstractContextManager[object]:
+        return self.store.locked()
+
+
+def _import_legacy_chain(device: DeviceStore, ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    """Import this run's plaintext chain of an older version into the store, once.
+
+    The file must verify with the device's key; it is written into the store as is
+    (the same bytes, so the server's copy still matches) and removed only after that
+    write committed. Called under the store's writer lock.
+
+    Raises
+    ------
+    LedgerTampered
+        If the plaintext chain does not verify (nothing is imported or removed).
+    """
+    path = device.legacy_chain_path
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    held = ledger.io.read()
+    if held is None:
+        plain = Ledger(path, scope=device.scope)
+        plain.verify(key.public_key())
+        ledger.io.write(data)  # the commit point
+        logger.info(
+            "Device %s: moved its ledger %s into its encrypted store", device.device_id, path
+        )
+    elif held != data:
+        logger.warning(
+            "Device %s: %s differs from the chain in its store; leaving it where it is.",
+            device.device_id, path,
+        )
+        return
+    path.unlink()
+    path.with_name(f".{path.name}.lock").unlink(missing_ok=True)
+    _remove_legacy_ledger_dir(device, key)
+
+
+def _remove_legacy_ledger_dir(device: DeviceStore, key: Ed25519PrivateKey) -> None:
+    """Remove the emptied plaintext ledger folder (its key list only if it names this device)."""
+    root = device.legacy_root / LEGACY_LEDGER_DIR
+    ledgers = LedgerStore(root)
+    try:
+        keys = ledgers.public_keys()
+    except LedgerTampered:
+        return
+    if keys == {device.scope: public_key_to_string(key)} and not ledgers.scopes():
+        ledgers.keys_path.unlink(missing_ok=True)
+        ledgers.keys_path.with_name(f".{KEYS_FILE}.lock").unlink(missing_ok=True)
+    for empty in (root / DEVICES_DIR, root, device.legacy_root):
+        if empty == device.folder:
+            break
+        try:
+            empty.rmdir()
+        except OSError:  # not empty (or gone): leave it
+            break
 
 
 # -- sampling and noise of one round -----------------------------------------------
@@ -230,7 +499,12 @@ def check_device_delta(delta: float, *, num_examples: int) -> None:
 
 
 def round_noise_multiplier(
-    device: DeviceDPConfig, *, delta: float, accountant: str, rounds: int, plan: DPSGDPlan
+    device: DeviceDPConfig,
+    *,
+    delta: float,
+    accountant: str,
+    rounds: int,
+    plan: DPSGDPlan,
 ) -> float:
     """σ of this round's DP-SGD: the configured one, or one calibrated over the planned run.
 
@@ -280,13 +554,18 @@ class DPSGDSettings:
 class DevicePrivacy:
     """A device's cumulative DP-SGD accountant, rebuilt from its own ledger each round.
 
-    Build it with :meth:`open`. The ledger on disk is the only state: nothing is kept
-    in memory between rounds, so a restarted process continues where the chain ends.
+    Build it with :meth:`open`. The chain in the device's store is the only state:
+    nothing is kept in memory between rounds, so a restarted process continues where
+    the chain ends.
     """
 
     def __init__(
         self, store: DeviceStore, privacy: PrivacyConfig, ledger: Ledger, key: Ed25519PrivateKey
     ) -> None:
+        if not isinstance(ledger.io, _StoreChain):  # record() relies on its re-entrant lock
+            raise TypeError(
+                "A device's ledger lives in its encrypted store; build DevicePrivacy with open()."
+            )
         self.store = store
         self.privacy = privacy
         self.ledger = ledger
@@ -315,19 +594,30 @@ class DevicePrivacy:
     def open(cls, store: DeviceStore, privacy: PrivacyConfig) -> DevicePrivacy:
         """Load (or create) the device's key, enroll it, verify the chain, rebuild ε.
 
+        The device's encrypted store (and its key file) is created on first use; a
+        plaintext key or chain of an older version is imported first (see the module
+        docstring).
+
         Raises
         ------
         LedgerTampered
-            If the device's own chain fails verification: it cannot know what it spent.
+            If the device's own chain fails verification (or its object fails
+            authentication): it cannot know what it spent.
         ValueError
             If the request's privacy terms differ from those the chain was written under.
         PrivacyBudgetExceeded
             If the chain already spends more than the budget.
+        client.store.StoreError
+            If the store key does not open the store, or the store was modified.
+        OSError
+            If the store's key file is missing (for an existing store) or readable by others.
         """
-        key = load_or_create_private_key(store.key_path)
-        ledgers = LedgerStore(store.ledger_dir)
-        ledgers.enroll(store.scope, key)
-        ledger = ledgers.ledger(store.scope)
+        encrypted = store.open_store()
+        key = _load_ledger_key(store, encrypted)
+        ledger = Ledger(_StoreChain(encrypted, store.chain_object), scope=store.scope)
+        if store.legacy_chain_path.is_file():
+            with encrypted.locked():
+                _import_legacy_chain(store, ledger, key)
         ledger.verify(key.public_key())
         return cls(store, privacy, ledger, key)
 
@@ -404,21 +694,23 @@ class DevicePrivacy:
             If the release would overspend (nothing is recorded, nothing may be sent).
         """
         # Another process on this device may have released since check(): compose what
-        # the chain holds now. (Ledger.append re-verifies the chain under its file lock.)
-        self._load()
-        self._refuse_over_budget(event)
-        epsilon = self.accountant.spend(event)
-        self.ledger.append(
-            server_round=server_round,
-            event=event,
-            clipping_norm=clipping_norm,
-            delta=self.privacy.delta,
-            epsilon=epsilon,
-            accountant=self.privacy.accountant,
-            budget_epsilon=self.privacy.device.epsilon,
-            private_key=self._key,
-            extra=dict(extra),
-        )
+        # the chain holds now, and hold the store's writer lock until the append (which
+        # verifies the chain again), so no release lands between the check and the write.
+        with self.ledger.io.lock():
+            self._load()
+            self._refuse_over_budget(event)
+            epsilon = self.accountant.spend(event)
+            self.ledger.append(
+                server_round=server_round,
+                event=event,
+                clipping_norm=clipping_norm,
+                delta=self.privacy.delta,
+                epsilon=epsilon,
+                accountant=self.privacy.accountant,
+                budget_epsilon=self.privacy.device.epsilon,
+                private_key=self._key,
+                extra=dict(extra),
+            )
         return epsilon
 
     def ledger_record(self) -> ConfigRecord:
@@ -429,7 +721,8 @@ class DevicePrivacy:
         RuntimeError
             If the ledger is empty (nothing has been recorded).
         """
-        record = ledger_record(self.ledger, public_key=self._key.public_key(), since_seq=0)
+        with self.ledger.io.lock():  # entries and seal of one version, not of two appends
+            record = ledger_record(self.ledger, public_key=self._key.public_key(), since_seq=0)
         if record is None:
             raise RuntimeError(f"Device {self.store.device_id}'s ledger is empty: nothing to ship.")
         return record

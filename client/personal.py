@@ -26,7 +26,6 @@ import logging
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,8 +33,8 @@ from flwr.app import Context, RecordDict
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.dp import DeviceStore
-from client.store import HEADER_FILE, EncryptedStore, generate_key_file
+from client.dp import STORE_DIR, STORE_KEY_FILE, DeviceStore
+from client.store import HEADER_FILE, EncryptedStore
 from client.train import evaluate_local
 from emofed.config import PersonalConfig
 from models import emotion_loss, get_state, set_state, shared_state_keys
@@ -59,8 +58,8 @@ __all__ = [
 ]
 
 PERSONAL_OBJECT = "personal-layers"  # object name in the device's encrypted store
-STORE_DIR = "store"  # the encrypted store, inside the device's folder
-STORE_KEY_FILE = "store.key"  # its key file (0600), next to the device's ledger key
+# STORE_DIR ("store", the encrypted store inside the device's folder) and STORE_KEY_FILE
+# ("store.key", its key file in <folder>/keys/) are client.dp's, re-exported here.
 
 
 def personal_keys(model: nn.Module, layers: Collection[str]) -> list[str]:
@@ -81,41 +80,25 @@ def personal_keys(model: nn.Module, layers: Collection[str]) -> list[str]:
 # -- the device's store -------------------------------------------------------------------
 
 
-def _store_paths(context: Context) -> tuple[Path, Path]:
-    # The device's folder holds keys/ (the ledger key, and this store's key) and store/:
-    # <device-dir> when deployed (kept across runs), <root>/<id> when simulated.
-    keys = DeviceStore.from_context(context).key_path.parent
-    return keys.parent / STORE_DIR, keys / STORE_KEY_FILE
-
-
 def open_device_store(context: Context) -> EncryptedStore:
     """Open the device's encrypted store, creating it and its key file the first time.
 
     The store is ``<device folder>/store`` (the layout ``emofed device run`` reads):
     the node config's ``device-dir`` when deployed, so personal layers survive from one
     run to the next, and ``<device-root>/<id>`` when simulated. Its key is a 32-byte key
-    file, readable by its owner only, next to the device's ledger key
-    (``<device folder>/keys/store.key``).
+    file, readable by its owner only (``<device folder>/keys/store.key``). The same
+    store holds the device's ledger key and ledger (:class:`client.dp.DeviceStore`).
 
     Raises
     ------
     client.store.WrongStoreKey, client.store.StoreTampered
         If the key file does not open the store, or its header was modified.
+    FileNotFoundError
+        If the store exists but its key file does not (it is never replaced).
     PermissionError
         If the key file is accessible by group or others.
     """
-    path, key_file = _store_paths(context)
-    if not key_file.exists():
-        try:
-            generate_key_file(key_file)
-        except FileExistsError:  # another process of the same device was quicker
-            pass
-    if not (path / HEADER_FILE).exists():
-        try:
-            return EncryptedStore.create(path, key_file=key_file)
-        except FileExistsError:
-            pass
-    return EncryptedStore.open(path, key_file=key_file)
+    return DeviceStore.from_context(context).open_store()
 
 
 def existing_device_store(context: Context) -> EncryptedStore | None:
@@ -126,10 +109,10 @@ def existing_device_store(context: Context) -> EncryptedStore | None:
     client.store.StoreError, OSError
         If the store exists but cannot be opened.
     """
-    path, key_file = _store_paths(context)
-    if not (path / HEADER_FILE).exists():
+    device = DeviceStore.from_context(context)
+    if not (device.store_path / HEADER_FILE).exists():
         return None
-    return EncryptedStore.open(path, key_file=key_file)
+    return device.open_store(create=False)
 
 
 def load_personal(store: EncryptedStore, keys: Collection[str]) -> dict[str, np.ndarray] | None:

@@ -1,7 +1,12 @@
 """A device's encrypted store: one owner-only directory, every object AES-GCM encrypted at rest.
 
-Everything a device keeps between rounds (personal model layers, policy state,
-accountant state, its ledger, its keys) goes through one :class:`EncryptedStore`. The
+Everything a device keeps between rounds goes through one :class:`EncryptedStore`:
+its personal model layers (``client.personal``), its management policy's state
+(``client.runtime``), its Ed25519 ledger-signing key (object ``ledger-key``) and its
+signed privacy ledger, one hash chain per run (objects ``ledger.<run>.<device>``; the
+device's accountant is rebuilt from it every round, so it is the accountant's state
+too; ``client.dp``). Only two keys stay outside: the store's own key file and the
+SuperNode's authentication key (``keys/device.key``, which Flower reads itself). The
 store's key is derived from a passphrase with scrypt (Percival & Josefsson, RFC 7914)
 or read from a 32-byte key file that only its owner may read (like ``ssh`` refuses a
 private key readable by others). Primitives come from ``cryptography``; arrays and
@@ -37,12 +42,15 @@ followed by the payload.
 Writes go to a randomly named temporary sibling created 0600, are fsynced, replace the
 object with ``os.replace`` and fsync the directory: a crash leaves the old or the new
 version, never a mix; temporaries left by a crash are swept on the next open. Writers
-hold an exclusive ``flock`` on ``.lock``. :meth:`EncryptedStore.rekey` re-encrypts
-every object into a new objects directory and commits by replacing ``store.json``.
+hold an exclusive ``flock`` on ``.lock``; :meth:`EncryptedStore.locked` holds it across
+a read and the write it decides (a ledger append, a key created only once).
+:meth:`EncryptedStore.rekey` re-encrypts every object into a new objects directory and
+commits by replacing ``store.json``.
 
 Not protected: an object's size, the object names, and rolling an object back to an
-older version of itself or deleting it (no manifest; the ledger's own hash chain covers
-the ledger).
+older version of itself or deleting it (no manifest). For the device's ledger the
+server's copy covers this: a chain rolled back or restarted on the device forks from
+the copy the server holds, and the server refuses the fork.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -386,6 +395,8 @@ class EncryptedStore:
         self._header = header
         self._header_bytes = header_bytes
         self._aead: AESGCM | None = AESGCM(key)
+        self._mutex = threading.RLock()  # the instance's side of the write lock
+        self._depth = 0  # how deep this instance holds it (see _lock)
         store_id = bytes.fromhex(header["store_id"])
         self._prefix = b"emofed-device-store\0" + bytes([VERSION]) + store_id
 
@@ -437,7 +448,9 @@ class EncryptedStore:
         store = cls(path, header, b"", key)
         header["key_check"] = _b64(store._encrypt(KEY_CHECK_PLAINTEXT, store._check_aad()))
         header_bytes = _header_json(header)
-        _write_file(path / HEADER_FILE, header_bytes, overwrite=False)  # the commit point
+        # Under the write lock: an open() racing this create sweeps temporaries, ours too.
+        with store._lock():
+            _write_file(path / HEADER_FILE, header_bytes, overwrite=False)  # the commit point
         store._header_bytes = header_bytes
         logger.info("Created encrypted device store %s (%s)", path, kdf["name"])
         return store
@@ -592,20 +605,56 @@ class EncryptedStore:
 
     @contextlib.contextmanager
     def _lock(self, *, blocking: bool = True) -> Iterator[bool]:
-        """Hold the store's exclusive write lock; yield False if non-blocking and busy."""
-        if fcntl is None:  # pragma: no cover
-            yield True
+        """Hold the store's exclusive write lock; yield False if non-blocking and busy.
+
+        Re-entrant within this instance (a thread already holding it through
+        :meth:`locked` may write); other instances and processes wait on the ``flock``.
+        """
+        if not self._mutex.acquire(blocking=blocking):
+            yield False
             return
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
+            if self._depth or fcntl is None:
+                self._depth += 1
+                try:
+                    yield True
+                finally:
+                    self._depth -= 1
                 return
-            yield True
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    yield False
+                    return
+                self._depth = 1
+                try:
+                    yield True
+                finally:
+                    self._depth = 0
+            finally:
+                os.close(fd)  # closing the descriptor releases the lock
         finally:
-            os.close(fd)  # closing the descriptor releases the lock
+            self._mutex.release()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store's writer lock across several reads and writes (read-modify-write).
+
+        Writes through this instance inside the block do not wait on themselves; every
+        other writer (another instance, another process, a rekey) waits until the block
+        ends. Used where a read decides a write: an append to a hash chain, a key created
+        only if there is none.
+
+        Raises
+        ------
+        WrongStoreKey
+            If the store was re-keyed since this instance opened it.
+        """
+        with self._lock():
+            self._current()
+            yield
 
     def _sweep(self) -> None:
         """Remove what a crashed writer left: temporaries and unreferenced objects directories."""

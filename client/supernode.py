@@ -3,11 +3,19 @@
 Layout of a device folder (``emofed device enroll NAME --device-dir DIR``)::
 
     DIR/                    0700
-      keys/device.key       the device's authentication key (ECDSA P-384, OpenSSH, 0600)
+      keys/device.key       the device's authentication key (ECDSA P-384, OpenSSH, 0600);
+                            plaintext, because Flower's SuperNode reads it itself
       keys/device.pub       what the coordinator enrols
-      keys/ledger.key       the key that signs the device's privacy ledger (first run)
-      runs/<run-id>/ledger  the device's signed ledger, one chain per run
+      keys/store.key        the 32-byte key of the device's encrypted store (0600)
+      store/                the encrypted store (``client.store``, AES-256-GCM): the key
+                            that signs the device's privacy ledger (``ledger-key``), its
+                            signed ledger, one chain per run (``ledger.<run-id>.<id>``),
+                            its personal layers and its policy state (first run)
       flwr/                 Flower's own state (installed app bundles)
+
+A folder from an older version, with ``keys/ledger.key`` and ``runs/<run-id>/ledger`` in
+plaintext, has that key (and the current run's chain) moved into ``store/`` the first
+time the device trains (``client.dp``).
 
 The device's data stays in its own folder (``--data``), the layout of one device of a
 federation folder (``client.data``): ``samples.jsonl`` plus ``face/`` and ``voice/``.

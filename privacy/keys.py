@@ -4,6 +4,8 @@
   (0o600) from the first byte: it is written to a temporary file opened with mode
   0o600, fsynced, and published with ``os.link``, which never overwrites an existing
   key. Keys are never logged or printed.
+* A private key kept in an encrypted store (a device's ``ledger-key`` object) is its
+  32 raw bytes (:func:`private_key_to_bytes`); the store, not this module, protects them.
 * A public key travels as a string: standard base64 of its 32 raw bytes
   (:func:`public_key_to_string`); PEM is accepted on input too.
 * A key's fingerprint (the ledger's ``key_id``) is the lowercase hex SHA-256 of its
@@ -116,6 +118,34 @@ def load_or_create_private_key(path: Path | str) -> Ed25519PrivateKey:
         except FileExistsError:  # another process created it first: use theirs
             return load_private_key(path)
         return key
+
+
+def private_key_to_bytes(key: Ed25519PrivateKey) -> bytes:
+    """Return the 32 raw private bytes of ``key``, for a store that encrypts them.
+
+    Raises
+    ------
+    TypeError
+        If ``key`` is not an Ed25519 private key.
+    """
+    if not isinstance(key, Ed25519PrivateKey):
+        raise TypeError(f"Expected an Ed25519PrivateKey. Found {type(key).__name__}.")
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def private_key_from_bytes(data: bytes) -> Ed25519PrivateKey:
+    """Rebuild a key from the 32 raw bytes written by :func:`private_key_to_bytes`.
+
+    Raises
+    ------
+    ValueError
+        If ``data`` is not 32 bytes.
+    """
+    if len(data) != 32:
+        raise ValueError(f"An Ed25519 private key must be 32 raw bytes. Found {len(data)}.")
+    return Ed25519PrivateKey.from_private_bytes(bytes(data))
 
 
 def _public(key: PublicKeyLike) -> Ed25519PublicKey:

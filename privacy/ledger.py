@@ -12,16 +12,24 @@ any point leaves either the old or the new file, never a torn line; the cost is
 O(size) per append, small for one line per round. Appends first verify the existing
 chain with the writer's own key, so a tampered chain is never extended. A file
 lock serialises writers of the same file.
+
+Where the chain's bytes live is a :class:`LedgerIO`: a plain file by default
+(:class:`FileLedgerIO`; the server's ledgers, the public audit material), or any
+backend that reads the whole text, replaces it atomically and holds a writer lock
+across read, verify and write (a device keeps its chain in its encrypted store,
+``client.dp``). The chain format and every check are the same whatever the backend.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -73,15 +81,74 @@ def _line(obj: Mapping[str, Any]) -> str:
     return canonical_bytes(obj).decode("ascii") + "\n"
 
 
+@runtime_checkable
+class LedgerIO(Protocol):
+    """Where one chain's text lives: read whole, replaced whole, under a writer lock.
+
+    ``name`` names the chain in error messages (a file name, an object name).
+    ``read`` returns the chain's bytes, or None if there is no chain yet. ``write``
+    replaces them so that a crash leaves the old or the new chain, never a mix.
+    ``lock`` holds an exclusive writer lock; :class:`Ledger` reads, verifies and
+    writes inside it, and ``write`` must work while the lock is held.
+    """
+
+    name: str
+
+    def read(self) -> bytes | None:
+        """The chain's bytes, or None if there is none yet."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Replace the chain's bytes atomically."""
+        ...
+
+    def lock(self) -> AbstractContextManager[object]:
+        """Hold the chain's exclusive writer lock."""
+        ...
+
+
+class FileLedgerIO:
+    """A chain in a plain ``.jsonl`` file: atomic rename, a ``.<name>.lock`` sibling lock."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.name = self.path.name
+
+    def __repr__(self) -> str:
+        return f"FileLedgerIO({str(self.path)!r})"
+
+    def read(self) -> bytes | None:
+        """The file's bytes, or None if it does not exist."""
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, data: bytes) -> None:
+        """Replace the file (temporary sibling, fsync, rename)."""
+        atomic_write_bytes(self.path, data)
+
+    def lock(self) -> AbstractContextManager[object]:
+        """Hold the file's writer lock (not re-entrant)."""
+        return file_lock(self.path)
+
+
 class Ledger:
-    """One scope's chain of signed releases in a JSONL file.
+    """One scope's chain of signed releases, JSON lines in a file or another :class:`LedgerIO`.
 
     Parameters
     ----------
-    path : Path or str
-        The ``.jsonl`` file (created on first append).
+    path : Path, str or LedgerIO
+        The ``.jsonl`` file (created on first append), or where else the chain lives.
     scope : str
         ``"server"`` or ``"device:<id>"``; every entry must carry it.
+
+    Attributes
+    ----------
+    path : Path or None
+        The chain's file, or None when it is not kept in a file.
+    io : LedgerIO
+        Where the chain's bytes are read and written.
 
     Raises
     ------
@@ -89,27 +156,39 @@ class Ledger:
         If ``scope`` is malformed.
     """
 
-    def __init__(self, path: Path | str, *, scope: str) -> None:
+    def __init__(self, path: Path | str | LedgerIO, *, scope: str) -> None:
         check_scope(scope)
-        self.path = Path(path)
+        if isinstance(path, (str, os.PathLike)):
+            path = FileLedgerIO(path)
+        elif not isinstance(path, LedgerIO):
+            raise TypeError(
+                f"A ledger lives in a path or a LedgerIO. Found {type(path).__name__}."
+            )
+        self.io: LedgerIO = path
+        self.path: Path | None = path.path if isinstance(path, FileLedgerIO) else None
         self.scope = scope
 
     def __repr__(self) -> str:
-        return f"Ledger({str(self.path)!r}, scope={self.scope!r})"
+        where = str(self.path) if self.path is not None else self.io.name
+        return f"Ledger({where!r}, scope={self.scope!r})"
+
+    @property
+    def name(self) -> str:
+        """How messages name the chain (its file or object name)."""
+        return self.io.name
 
     # -- reading --------------------------------------------------------------
 
     def _read_text(self) -> str:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
+        data = self.io.read()
+        if not data:
             return ""
         try:
             text = data.decode("ascii")
         except UnicodeDecodeError:
-            raise LedgerTampered(f"{self.path.name}: file is not ASCII JSON lines.") from None
-        if text and not text.endswith("\n"):
-            raise LedgerTampered(f"{self.path.name}: torn last line (no trailing newline).")
+            raise LedgerTampered(f"{self.name}: file is not ASCII JSON lines.") from None
+        if not text.endswith("\n"):
+            raise LedgerTampered(f"{self.name}: torn last line (no trailing newline).")
         return text
 
     def _check_text(
@@ -120,7 +199,7 @@ class Ledger:
         Without ``public_key`` the structure, hashes and chain are checked; with it,
         key ids and signatures too.
         """
-        name = self.path.name
+        name = self.name
         if not text:
             return [], [], None
         # Split on "\n" only: str.splitlines would also split on \r, \x1c, ...
@@ -232,7 +311,7 @@ class Ledger:
         if isinstance(public_key, Mapping):
             if self.scope not in public_key:
                 raise LedgerTampered(
-                    f"{self.path.name}: no public key recorded for {self.scope!r}."
+                    f"{self.name}: no public key recorded for {self.scope!r}."
                 )
             public_key = public_key[self.scope]
         self._check_text(self._read_text(), _public(public_key))
@@ -308,7 +387,7 @@ class Ledger:
             raise ValueError(f"Timestamp must be timezone-aware. Found {timestamp}.")
         else:
             stamp = timestamp.astimezone(timezone.utc).isoformat(timespec="microseconds")
-        with file_lock(self.path):
+        with self.io.lock():
             text = self._read_text()
             lines, entries, _ = self._check_text(text, private_key.public_key())
             body = {
@@ -341,7 +420,7 @@ class Ledger:
             except ValueError as err:
                 raise ValueError(f"Invalid ledger entry: {err}.") from None
             new_text = "".join(lines) + _line(entry) + _line(self._seal(entry, private_key))
-            atomic_write_bytes(self.path, new_text.encode("ascii"))
+            self.io.write(new_text.encode("ascii"))
         logger.debug(
             "Ledger %s seq %d round %d: epsilon %.4f of %.4f (%s)",
             self.scope, entry["seq"], entry["round"], epsilon, budget_epsilon, accountant,
@@ -380,27 +459,27 @@ class Ledger:
         key = _public(public_key)
         incoming = [line if line.endswith("\n") else line + "\n" for line in lines]
         seal = seal if seal.endswith("\n") else seal + "\n"
-        with file_lock(self.path):
+        with self.io.lock():
             held, _, held_seal = self._check_text(self._read_text(), key)
             merged = list(held)
             for raw in incoming:
                 try:
                     seq = parse_line(raw[:-1]).get("seq")
                 except ValueError as err:
-                    raise LedgerTampered(f"{self.path.name}: incoming line: {err}.") from None
+                    raise LedgerTampered(f"{self.name}: incoming line: {err}.") from None
                 if not isinstance(seq, int) or seq < 0:
-                    raise LedgerTampered(f"{self.path.name}: incoming line has no valid seq.")
+                    raise LedgerTampered(f"{self.name}: incoming line has no valid seq.")
                 if seq < len(merged):
                     if merged[seq] != raw:
                         raise LedgerTampered(
-                            f"{self.path.name}: seq {seq}: incoming entry differs from the held "
+                            f"{self.name}: seq {seq}: incoming entry differs from the held "
                             "copy (forked chain)."
                         )
                 elif seq == len(merged):
                     merged.append(raw)
                 else:
                     raise LedgerTampered(
-                        f"{self.path.name}: incoming seq {seq} leaves a gap after seq "
+                        f"{self.name}: incoming seq {seq} leaves a gap after seq "
                         f"{len(merged) - 1}."
                     )
             added = len(merged) - len(held)
@@ -408,6 +487,6 @@ class Ledger:
                 return 0
             new_text = "".join(merged) + seal
             self._check_text(new_text, key)
-            atomic_write_bytes(self.path, new_text.encode("ascii"))
+            self.io.write(new_text.encode("ascii"))
         logger.debug("Ledger %s: stored %d new entries", self.scope, added)
         return added

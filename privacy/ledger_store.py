@@ -1,7 +1,8 @@
 """A ledger directory: the chains of every scope of a run and the keys that sign them.
 
-Layout (the same on the server, under ``<run>/ledger/``, and on a device, which
-keeps its own chain under its store)::
+Layout of a run's ledger directory, ``<run>/ledger/`` on the server: the public
+audit material, plaintext (a device keeps its own chain encrypted in its store
+instead, one object per run, in the same chain format; ``client.dp``)::
 
     ledger/
       keys.json              {"format": "emofed-ledger-keys/1",

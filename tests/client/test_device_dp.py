@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import client.app
 import client.data
 from client.app import DeviceGuardMod, app
-from client.dp import KEY_FILE, DevicePrivacy, DeviceStore, DPSGDSettings, plan_dp_sgd, private_training
+from client.dp import (
+    KEY_OBJECT,
+    DevicePrivacy,
+    DeviceStore,
+    DPSGDSettings,
+    plan_dp_sgd,
+    private_training,
+)
 from client.train import train_local
 from emofed.config import EmofedConfig, load_config, to_json
 from emofed.protocol import (
@@ -48,9 +55,8 @@ from privacy.audit import audit
 from privacy.guard import LEDGER_RECORD, OutgoingGuard, OutgoingGuardMod, read_ledger_record
 from privacy.keys import (
     generate_private_key,
-    load_private_key,
+    private_key_to_bytes,
     public_key_to_string,
-    save_private_key,
 )
 from privacy.ledger_store import LedgerStore
 
@@ -116,8 +122,22 @@ def _weights(reply: Message) -> dict[str, np.ndarray]:
     return {k: a.numpy() for k, a in reply.content["arrays"].items()}
 
 
+def _device(root: Path) -> DeviceStore:
+    return DeviceStore.from_context(_make_context(root))
+
+
 def _ledger_bytes(root: Path) -> bytes:
-    return (root / "0" / "ledger" / "devices" / "0.jsonl").read_bytes()
+    device = _device(root)
+    with device.open_store(create=False) as store:
+        return store.get_bytes(device.chain_object)
+
+
+def _copy_device_key(source: Path, destination: Path) -> None:
+    # The same device (ledger key) under another root: DP noise is seeded from the key.
+    with _device(source).open_store(create=False) as store:
+        key = store.get_bytes(KEY_OBJECT)
+    with _device(destination).open_store() as store:
+        store.put_bytes(KEY_OBJECT, key)
 
 
 def test_dp_round_sends_epsilon_and_a_ledger_the_guard_and_audit_accept(tmp_path: Path) -> None:
@@ -147,7 +167,7 @@ def test_dp_round_sends_epsilon_and_a_ledger_the_guard_and_audit_accept(tmp_path
     server = LedgerStore(tmp_path / "server-ledger")
     assert server.receive("device:0", lines, seal, public_key=key) == 1
     assert server.receive("device:0", lines, seal, public_key=key) == 0  # idempotent merge
-    report = audit(tmp_path / "0" / "ledger")
+    report = audit(tmp_path / "server-ledger")  # the server's copy is the audit material
     assert report.ok and [row.scope for row in report.scopes] == ["device:0"]
 
 
@@ -237,11 +257,8 @@ def test_user_level_clipping_bounds_the_update(tmp_path: Path, device_dp: bool) 
     unclipped = _train(_make_config(*preset, _SIGMA), tmp_path / "plain")
     received = {k: a.numpy() for k, a in _make_arrays(cfg).items()}
     for norm, bit in ((1e-4, 1), (1e6, 0)):
-        # The same device key as the plain run: DP noise is seeded from the device's key.
-        key = tmp_path / str(norm) / "0" / KEY_FILE
-        key.parent.mkdir(parents=True)
-        if device_dp:
-            shutil.copy2(tmp_path / "plain" / "0" / KEY_FILE, key)
+        if device_dp:  # the same device key as the plain run
+            _copy_device_key(tmp_path / "plain", tmp_path / str(norm))
         reply = _train(cfg, tmp_path / str(norm), **{CLIPPING_NORM_KEY: norm})
         assert not reply.has_error(), reply.error
         assert set(reply.content["metrics"]) == train_metric_keys(device_dp, True)
@@ -298,13 +315,21 @@ def test_guard_mod_is_installed_and_blocks_what_may_not_leave(tmp_path: Path) ->
         out = mod(msg, ctxt, lambda m, c, r=reply: r)
         assert out.has_error() and out.error.code == ErrorCode.MOD_FAILED_PRECONDITION
         assert kind in out.error.reason
-    # A ledger signed by a key that is not this device's own does not leave either.
+    # A ledger signed by a key that is not this device's own does not leave either,
+    # nor one whose key the device cannot read (none, or a store it cannot open).
     dp_reply = _train(_make_config(_SIGMA), tmp_path)
-    (tmp_path / "0" / "keys" / "ledger.key").unlink()
-    save_private_key(generate_private_key(), tmp_path / "0" / "keys" / "ledger.key")
-    out = mod(msg, ctxt, lambda m, c: dp_reply)
-    assert out.has_error() and "ledger key" in out.error.reason
-    (tmp_path / "0" / "keys" / "ledger.key").unlink()
+    assert not mod(msg, ctxt, lambda m, c: dp_reply).has_error()
+    with _device(tmp_path).open_store(create=False) as store:
+        own = store.get_bytes(KEY_OBJECT)
+        store.put_bytes(KEY_OBJECT, private_key_to_bytes(generate_private_key()))
+        out = mod(msg, ctxt, lambda m, c: dp_reply)
+        assert out.has_error() and "ledger key" in out.error.reason
+        store.delete(KEY_OBJECT)
+        out = mod(msg, ctxt, lambda m, c: dp_reply)
+        assert out.has_error() and "ledger key" in out.error.reason
+        store.put_bytes(KEY_OBJECT, own)
+    key_file = _device(tmp_path).store_key_path
+    key_file.write_bytes(bytes(32))  # another store key
     out = mod(msg, ctxt, lambda m, c: dp_reply)
     assert out.has_error() and "ledger key" in out.error.reason
 
@@ -315,9 +340,7 @@ def test_secure_mode_is_unpredictable_and_plain_mode_reproducible(tmp_path: Path
         cfg = _make_config(_SIGMA, f"privacy.secure_mode={str(secure).lower()}")
         first = _train(cfg, tmp_path / f"{secure}-0")
         # The same device (key) again: plain-mode noise is seeded from the device's key.
-        key = tmp_path / f"{secure}-1" / "0" / KEY_FILE
-        key.parent.mkdir(parents=True)
-        shutil.copy2(tmp_path / f"{secure}-0" / "0" / KEY_FILE, key)
+        _copy_device_key(tmp_path / f"{secure}-0", tmp_path / f"{secure}-1")
         second = _train(cfg, tmp_path / f"{secure}-1")
         assert not first.has_error() and not second.has_error()
         a, b = _weights(first), _weights(second)
@@ -363,13 +386,26 @@ def test_tampered_ledger_and_changed_terms_are_refused(tmp_path: Path) -> None:
         and reply.error.code == ERROR_BAD_REQUEST
         and "before round 1" in reply.error.reason
     )
-    path = tmp_path / "0" / "ledger" / "devices" / "0.jsonl"
-    path.write_bytes(path.read_bytes().replace(b'"steps":3', b'"steps":1'))
+    # Rewritten with the store's key (the chain breaks) or not (authentication fails).
+    device = _device(tmp_path)
+    with device.open_store(create=False) as store:
+        honest = store.get_bytes(device.chain_object)
+        store.put_bytes(device.chain_object, honest.replace(b'"steps":3', b'"steps":1'))
     reply = _train(cfg, tmp_path, 2)
     assert reply.has_error() and reply.error.code == ERROR_TRAINING_FAILED
     assert reply.error.reason.startswith("device ledger fails verification")
-    key = tmp_path / "0" / "keys" / "ledger.key"
-    key.chmod(0o644)
+    assert "hash does not match" in reply.error.reason
+    with device.open_store(create=False) as store:
+        store.put_bytes(device.chain_object, honest)
+    path = device.store_path / "objects" / f"{device.chain_object}.bin"
+    blob = bytearray(path.read_bytes())
+    blob[40] ^= 1
+    path.write_bytes(bytes(blob))
+    reply = _train(cfg, tmp_path, 2)
+    assert reply.has_error() and reply.error.code == ERROR_TRAINING_FAILED
+    assert reply.error.reason.startswith("device ledger fails verification")
+    assert "failed authentication" in reply.error.reason
+    device.store_key_path.chmod(0o644)
     reply = _train(cfg, tmp_path, 2)
     assert reply.has_error() and reply.error.code == ERROR_TRAINING_FAILED
     assert reply.error.reason.startswith("device store unusable") and "0o600" in reply.error.reason
@@ -382,7 +418,8 @@ def test_a_chain_already_over_budget_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="empty"):
         DevicePrivacy.open(store, cfg.privacy).ledger_record()
     loud = PrivacyEvent(noise_multiplier=0.5, sample_rate=1.0, steps=10)
-    DevicePrivacy.open(store, cfg.privacy).ledger.append(
+    privacy = DevicePrivacy.open(store, cfg.privacy)
+    privacy.ledger.append(
         server_round=1,
         event=loud,
         clipping_norm=1.0,
@@ -390,7 +427,7 @@ def test_a_chain_already_over_budget_is_refused(tmp_path: Path) -> None:
         epsilon=99.0,
         accountant="opacus_rdp",
         budget_epsilon=3.0,
-        private_key=load_private_key(store.key_path),
+        private_key=privacy._key,
     )
     reply = _train(cfg, tmp_path, 2)
     assert reply.has_error() and reply.error.code == ERROR_BUDGET_EXHAUSTED
@@ -523,18 +560,28 @@ def test_device_store_resolution(tmp_path: Path) -> None:
     deployed = store(
         {DEVICE_DIR_KEY: str(tmp_path), DEVICE_ID_KEY: "phone-1", "partition-id": 3}, {}
     )
-    assert (deployed.device_id, deployed.root, deployed.key_path) == (
-        "phone-1",
-        tmp_path / "runs" / "7",
+    assert (deployed.device_id, deployed.folder, deployed.run_id) == ("phone-1", tmp_path, 7)
+    assert (deployed.store_path, deployed.store_key_path, deployed.chain_object) == (
+        tmp_path / "store",
+        tmp_path / "keys" / "store.key",
+        "ledger.7.phone-1",
+    )
+    assert (deployed.legacy_key_path, deployed.legacy_chain_path) == (
         tmp_path / "keys" / "ledger.key",
+        tmp_path / "runs" / "7" / "ledger" / "devices" / "phone-1.jsonl",
     )
     simulated = store({"partition-id": 3}, {DEVICE_ROOT_KEY: str(tmp_path)})
-    assert (simulated.root, simulated.ledger_dir) == (tmp_path / "3", tmp_path / "3" / "ledger")
-    assert store({"partition-id": 3}, {"run-dir": str(tmp_path / "r")}).root == (
+    assert (simulated.folder, simulated.legacy_chain_path) == (
+        tmp_path / "3",
+        tmp_path / "3" / "ledger" / "devices" / "3.jsonl",
+    )
+    assert store({"partition-id": 3}, {"run-dir": str(tmp_path / "r")}).folder == (
         tmp_path / "r.incomplete" / "simulated-devices" / "3"
     )
+    longest = store({DEVICE_ID_KEY: "d" * 128}, {DEVICE_ROOT_KEY: str(tmp_path)})
+    assert longest.chain_object == "ledger.7." + hashlib.sha256(b"d" * 128).hexdigest()[:32]
     fallback = store({}, {DEVICE_ROOT_KEY: ""})
-    assert fallback.device_id == "99" and fallback.root.parts[-3:] == (
+    assert fallback.device_id == "99" and fallback.folder.parts[-3:] == (
         "emofed-devices",
         "run-7",
         "99",

@@ -20,6 +20,7 @@ from client.personal import (
     PERSONAL_OBJECT,
     STORE_DIR,
     STORE_KEY_FILE,
+    existing_device_store,
     fine_tune,
     load_personal,
     open_device_store,
@@ -264,6 +265,22 @@ def test_wrong_store_key_is_a_clean_error(tmp_path: Path) -> None:
     assert reply.has_error() and reply.error.code == ERROR_TRAINING_FAILED
     assert "device store unusable" in (reply.error.reason or "")
     assert (tmp_path / "0" / STORE_DIR / "objects" / f"{PERSONAL_OBJECT}.bin").read_bytes() == stored_blob
+
+
+def test_missing_store_key_file_is_never_replaced(tmp_path: Path) -> None:
+    """An existing store whose key file is gone is an error; no fresh key file is made for it."""
+    context = _make_context(0, tmp_path)
+    assert not evaluate(_make_message(MessageType.EVALUATE, _make_arrays()), context).has_error()
+    key_file = tmp_path / "0" / "keys" / STORE_KEY_FILE
+    key_file.unlink()
+    with pytest.raises(FileNotFoundError):
+        open_device_store(context)
+    with pytest.raises(FileNotFoundError):
+        existing_device_store(context)
+    reply = evaluate(_make_message(MessageType.EVALUATE, _make_arrays()), context)
+    assert reply.has_error() and reply.error.code == ERROR_TRAINING_FAILED
+    assert "device store unusable" in (reply.error.reason or "")
+    assert not key_file.exists()
 
 
 def test_training_reply_never_carries_personal_layers(tmp_path: Path) -> None:

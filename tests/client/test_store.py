@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import client.store
 from client.store import (
     EncryptedStore,
     ScryptParams,
@@ -390,6 +391,85 @@ def test_writer_waits_for_lock(tmp_path: Path) -> None:
         os.close(fd)
     writer.join(5)
     assert done.is_set() and store.get_bytes("raw") == b"late"
+
+
+def test_locked_spans_a_read_and_its_write_and_holds_off_other_writers(tmp_path: Path) -> None:
+    """Inside locked() the holder reads and writes freely; other instances and rekey wait for it."""
+    store = _make_store(tmp_path)
+    store.put_bytes("counter", b"0")
+    other = EncryptedStore.open(tmp_path / "store", passphrase=PASSPHRASE)
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (other.put_bytes("counter", b"other"), done.set()))
+    with store.locked():
+        value = int(store.get_bytes("counter"))
+        writer.start()
+        with store.locked():  # re-entrant for its holder
+            store.put_bytes("counter", str(value + 1).encode())
+        assert not done.wait(0.3)
+        assert store.get_bytes("counter") == b"1"
+        with store._lock(blocking=False) as held:  # the sweep's probe, from the holder
+            assert held
+        with other._lock(blocking=False) as held:  # ... and from anyone else
+            assert not held
+    writer.join(5)
+    assert done.is_set() and store.get_bytes("counter") == b"other"
+
+
+def test_locked_refuses_a_store_re_keyed_since_it_opened(tmp_path: Path) -> None:
+    """A read-modify-write on a stale instance fails with WrongStoreKey before it reads."""
+    store = _make_store(tmp_path)
+    stale = EncryptedStore.open(tmp_path / "store", passphrase=PASSPHRASE)
+    store.rekey(passphrase="another passphrase", scrypt=FAST)
+    with pytest.raises(WrongStoreKey, match="re-keyed since it was opened"):
+        with stale.locked():
+            pass
+
+
+def test_create_commits_its_header_under_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A racing open()'s sweep cannot take create's temporary header: create holds the lock."""
+    held: list[bool] = []
+    real_write = client.store._write_file
+
+    def probe(path: Path, data: bytes, **kwargs: object) -> None:
+        fd = os.open(path.parent / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        real_write(path, data, **kwargs)
+
+    monkeypatch.setattr(client.store, "_write_file", probe)
+    _make_store(tmp_path)
+    assert held == [True]
+
+
+def test_concurrent_creates_and_opens_agree_on_one_store(tmp_path: Path) -> None:
+    """Processes of one device creating or opening at once all end up with the same store."""
+    key_file = _make_key_file(tmp_path)
+    barrier, ids, errors = threading.Barrier(8), [], []
+
+    def create_or_open() -> None:
+        barrier.wait()
+        try:
+            try:
+                store = EncryptedStore.create(tmp_path / "store", key_file=key_file)
+            except FileExistsError:
+                store = EncryptedStore.open(tmp_path / "store", key_file=key_file)
+            ids.append(store._header["store_id"])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=create_or_open) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(ids) == 8 and len(set(ids)) == 1
 
 
 def test_rekey_to_key_file(tmp_path: Path) -> None:

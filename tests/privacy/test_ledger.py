@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from privacy.audit import audit
 from privacy.budget import BudgetedAccountant, PrivacyBudget
 from privacy.errors import LedgerTampered
 from privacy.keys import fingerprint, public_key_to_string, sign
-from privacy.ledger import Ledger
+from privacy.ledger import FileLedgerIO, Ledger
 from privacy.ledger_format import canonical_bytes, check_scope, content_hash
 from privacy.ledger_store import LedgerStore
 
@@ -323,3 +324,53 @@ def test_malformed_scopes_are_refused(scope: str) -> None:
     """Scopes double as file names, so anything but [A-Za-z0-9_.-] ids is refused."""
     with pytest.raises(ValueError, match="Scope must be"):
         check_scope(scope)
+
+
+class _MemoryIO:
+    """A LedgerIO kept in memory that records whether each write ran under its lock."""
+
+    name = "chain-7"
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.held = False
+        self.writes_under_lock: list[bool] = []
+
+    def read(self) -> bytes | None:
+        return self.data
+
+    def write(self, data: bytes) -> None:
+        self.writes_under_lock.append(self.held)
+        self.data = data
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        self.held = True
+        try:
+            yield
+        finally:
+            self.held = False
+
+
+def test_a_chain_in_another_backend_is_the_same_chain(tmp_path: Path) -> None:
+    """Through a LedgerIO the entry lines are those a file gets; writes run locked; tamper is caught."""
+    io = _MemoryIO()
+    memory, file = Ledger(io, scope=SCOPE), Ledger(tmp_path / "7.jsonl", scope=SCOPE)
+    assert memory.path is None and memory.name == "chain-7" and isinstance(file.io, FileLedgerIO)
+    for ledger in (memory, file):
+        for server_round in (1, 2):
+            ledger.append(
+                server_round=server_round, event=PrivacyEvent(noise_multiplier=1.1, sample_rate=0.05, steps=20),
+                clipping_norm=1.0, delta=DELTA, epsilon=0.5 * server_round, accountant="opacus_rdp",
+                budget_epsilon=8.0, private_key=KEY, timestamp=STAMP,
+            )
+    assert memory.lines() == file.lines() and len(memory) == 2
+    assert io.writes_under_lock == [True, True]
+    memory.verify(KEY)
+    store = LedgerStore(tmp_path / "server")
+    assert store.receive(SCOPE, memory.lines(), memory.seal_line(), public_key=KEY) == 2
+    io.data = io.data.replace(b'"steps":20', b'"steps":2', 1)
+    with pytest.raises(LedgerTampered, match=r"^chain-7: seq 0: hash does not match"):
+        memory.verify(KEY)
+    with pytest.raises(TypeError, match="path or a LedgerIO"):
+        Ledger(42, scope=SCOPE)  # type: ignore[arg-type]
