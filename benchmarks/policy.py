@@ -10,10 +10,12 @@ emotion trajectories under the same safety rules (``configs/policy/actions.yaml`
 * ``federated prior + personalisation``: LinUCB from the federated prior, learning locally.
 
 The prior comes from ``--prior-users`` other people (disjoint ids), each running local
-LinUCB for ``--decisions`` decisions and sharing only its statistics through
-``privatise_statistics`` (clipped to ``--clip``, Gaussian noise on; by default split across
-all prior devices, as under secure aggregation, ``--shares 1`` for local DP), averaged by
-``aggregate_priors``. The noise multiplier is calibrated to ``--epsilon`` at ``--delta``
+LinUCB for ``--decisions`` decisions and sharing only the emotion block of its statistics
+(``shared_block``) through ``privatise_statistics`` (clipped to ``--clip``: user-level
+adjacency, Gaussian noise on; by default split across all prior devices, as under secure
+aggregation, ``--shares 1`` for local DP), averaged by ``aggregate_priors`` and shrunk to
+an estimate worth ``--prior-strength`` observations (``shrinkage_prior``), as
+``emofed simulate`` does with record-level noise for its own federation. The noise multiplier is calibrated to ``--epsilon`` at ``--delta``
 for the one release (dp-accounting PLD) unless ``--noise-multiplier`` is given. Regret is
 against an oracle that knows the person's true emotion and hidden preferences and picks the
 best action in expectation among those the safety rules allow at that moment.
@@ -34,7 +36,13 @@ import numpy as np
 
 from client.expression import MessageBank, build_encoder
 from client.policy import Policy, PolicyConfig, load_policy_config
-from client.policy_state import PolicyStatistics, aggregate_priors, privatise_statistics
+from client.policy_state import (
+    PolicyStatistics,
+    aggregate_priors,
+    privatise_statistics,
+    shared_block,
+    shrinkage_prior,
+)
 from privacy.accounting import PrivacyEvent, calibrate_noise, compute_epsilon
 from simulations.users import Outcome, UserProfile, make_population, run_policy
 
@@ -50,23 +58,28 @@ def build_prior(
     clip: float,
     noise_multiplier: float,
     shares: int,
+    strength: float,
     seed: int,
 ) -> tuple[PolicyStatistics, dict, list[float]]:
-    """Local LinUCB on every prior person; privatise each one's statistics; average them."""
+    """Local LinUCB on every prior person; privatise each one's shared block; average; shrink.
+
+    The same prior ``emofed simulate`` builds (``server.policy``), with user-level
+    clipping of each person's whole block instead of record-level noise on the device.
+    """
     local = replace(config, bandit=replace(config.bandit, kind="linucb", learn=True))
     rng = np.random.default_rng([seed, 99])
     shared, norms, params = [], [], {}
     for person in people:
         policy = Policy(local, bank=bank)
         run_policy(policy, person, decisions=decisions, seed=seed)
-        stats = policy.local_statistics()
+        stats = shared_block(policy.local_statistics())
         norms.append(stats.norm())
         noised, params = privatise_statistics(
             stats, clip=clip, noise_multiplier=noise_multiplier, rng=rng, shares=shares
         )
         shared.append(noised)
-    prior = aggregate_priors(shared, device_noise_stddev=params["device_noise_stddev"])
-    return prior, params, norms
+    mean = aggregate_priors(shared, device_noise_stddev=params["device_noise_stddev"])
+    return shrinkage_prior(mean, strength=strength, ridge=config.bandit.ridge), params, norms
 
 
 def variants(
@@ -105,7 +118,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--users", type=int, default=50, help="evaluated people")
     parser.add_argument("--prior-users", type=int, default=300, help="other people, who build the prior")
     parser.add_argument("--decisions", type=int, default=300, help="decisions per person")
-    parser.add_argument("--clip", type=float, default=60.0, help="L2 clip of each device's statistics")
+    parser.add_argument("--clip", type=float, default=25.0, help="L2 clip of each device's shared statistics")
     parser.add_argument(
         "--epsilon", type=float, default=3.0, help="target epsilon of the prior's release"
     )
@@ -118,6 +131,9 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--encoder", choices=("minilm", "hashing"), default="minilm", help="message encoder"
+    )
+    parser.add_argument(
+        "--prior-strength", type=float, default=3.0, help="pseudo-observations the prior is worth (policy.prior_strength)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of configs/policy")
@@ -150,6 +166,7 @@ def main(argv: list[str]) -> int:
         clip=args.clip,
         noise_multiplier=sigma,
         shares=shares,
+        strength=args.prior_strength,
         seed=args.seed,
     )
     epsilon = compute_epsilon([PrivacyEvent.from_dict(params)], delta=args.delta, accountant=ACCOUNTANT)

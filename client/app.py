@@ -23,6 +23,7 @@ of ``emofed.protocol``, with a one-line reason.
 from __future__ import annotations
 
 import logging
+import secrets
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -59,11 +60,25 @@ from client.personal import (
     personal_arrays_in,
     personalise,
 )
+from client.policy_fed import (
+    PRIOR_OBJECT,
+    evaluate_policies,
+    history_statistics,
+    policy_config,
+    policy_event,
+    prior_size,
+    simulated_person,
+    statistics_from_state,
+    statistics_size,
+)
+from client.policy_state import NUM_FEATURES, PolicyStatistics, privatise_events, shared_block
+from client.runtime import POLICY_OBJECT
 from client.secagg import secure_aggregation_mod
 from client.store import StoreError
 from client.train import evaluate_local, select_device, train_local
 from emofed.config import MESSAGE_CONFIG_KEY, ConfigError, EmofedConfig, fingerprint, from_json
 from emofed.protocol import (
+    DEVICE_DIR_KEY,
     DEVICE_DP_METRICS,
     ERROR_BAD_REQUEST,
     ERROR_BUDGET_EXHAUSTED,
@@ -73,6 +88,9 @@ from emofed.protocol import (
     EVAL_METRICS,
     PERSONAL_ACCURACY_KEY,
     PERSONAL_EVAL_METRICS,
+    POLICY_EVAL_METRICS,
+    POLICY_PRIOR_KEY,
+    POLICY_STATISTICS_KEY,
     SERVER_ROUND_KEY,
     SKIPPED_METRICS,
     TRAIN_METRICS,
@@ -99,7 +117,12 @@ __all__ = [
 
 # Every metric a reply may carry; the handlers send exactly the protocol's set per reply.
 METRIC_ALLOWLIST = (
-    TRAIN_METRICS | DEVICE_DP_METRICS | USER_DP_METRICS | EVAL_METRICS | PERSONAL_EVAL_METRICS
+    TRAIN_METRICS
+    | DEVICE_DP_METRICS
+    | USER_DP_METRICS
+    | EVAL_METRICS
+    | PERSONAL_EVAL_METRICS
+    | POLICY_EVAL_METRICS
 )
 CONFUSION_KEY = "confusion"
 
@@ -235,39 +258,10 @@ def _error_reply(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def _handle(msg: Message, context: Context, *, train: bool) -> Message:
+def _answer(msg: Message, work: Callable[[], Message]) -> Message:
+    """Run ``work``; turn what can go wrong on a device into a one-line error reply."""
     try:
-        cfg = _config(msg)
-        torch.set_num_threads(cfg.runtime.threads)
-        data = load_device_data(cfg, context.node_config)
-        if train and data.heldout:
-            return _error_reply(msg, ERROR_HELDOUT, f"{data.device_id} is a held-out device: it evaluates, never trains")
-        if "arrays" not in msg.content.array_records:
-            raise ConfigError("message carries no 'arrays' record")
-        arrays = msg.content["arrays"]
-        model = _model(cfg, arrays)
-        device = select_device(cfg.runtime)
-        if train:
-            return _train(cfg, msg, context, model, arrays, data.train, device)
-        metrics = _evaluate(cfg, model, data.test, device)
-        if cfg.personal.enabled and data.heldout:
-            # Nothing to fine-tune on: a held-out device's personalised model is the global one.
-            metrics[PERSONAL_ACCURACY_KEY] = metrics["accuracy"]
-        elif cfg.personal.enabled:
-            with open_device_store(context) as store:
-                metrics[PERSONAL_ACCURACY_KEY] = personalise(
-                    model,
-                    data.train,
-                    data.test,
-                    store,
-                    cfg=cfg.personal,
-                    batch_size=cfg.train.batch_size,
-                    aux_weight=cfg.model.fusion.aux_weight,
-                    device=device,
-                    seed=_seed(cfg, msg, context),
-                )
-        metrics.update(heldout_and_skips(data))
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return work()
     except (UnusableDeviceData, FederationFolderError) as err:
         return _error_reply(msg, ERROR_UNUSABLE_DATA, f"unusable device data: {err}")
     except PrivacyBudgetExceeded as err:
@@ -280,6 +274,44 @@ def _handle(msg: Message, context: Context, *, train: bool) -> Message:
         return _error_reply(msg, ERROR_TRAINING_FAILED, str(err))
     except (OSError, StoreError) as err:
         return _error_reply(msg, ERROR_TRAINING_FAILED, f"device store unusable: {err}")
+
+
+def _handle(msg: Message, context: Context, *, train: bool) -> Message:
+    return _answer(msg, lambda: _handle_model(msg, context, train=train))
+
+
+def _handle_model(msg: Message, context: Context, *, train: bool) -> Message:
+    cfg = _config(msg)
+    torch.set_num_threads(cfg.runtime.threads)
+    data = load_device_data(cfg, context.node_config)
+    if train and data.heldout:
+        return _error_reply(msg, ERROR_HELDOUT, f"{data.device_id} is a held-out device: it evaluates, never trains")
+    if "arrays" not in msg.content.array_records:
+        raise ConfigError("message carries no 'arrays' record")
+    arrays = msg.content["arrays"]
+    model = _model(cfg, arrays)
+    device = select_device(cfg.runtime)
+    if train:
+        return _train(cfg, msg, context, model, arrays, data.train, device)
+    metrics = _evaluate(cfg, model, data.test, device)
+    if cfg.personal.enabled and data.heldout:
+        # Nothing to fine-tune on: a held-out device's personalised model is the global one.
+        metrics[PERSONAL_ACCURACY_KEY] = metrics["accuracy"]
+    elif cfg.personal.enabled:
+        with open_device_store(context) as store:
+            metrics[PERSONAL_ACCURACY_KEY] = personalise(
+                model,
+                data.train,
+                data.test,
+                store,
+                cfg=cfg.personal,
+                batch_size=cfg.train.batch_size,
+                aux_weight=cfg.model.fusion.aux_weight,
+                device=device,
+                seed=_seed(cfg, msg, context),
+            )
+    metrics.update(heldout_and_skips(data))
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def _train(
@@ -311,6 +343,7 @@ def _train(
                 accountant=cfg.privacy.accountant,
                 rounds=cfg.rounds,
                 plan=plan,
+                planned=[e for e in (policy_event(cfg),) if e is not None],
             ),
             max_grad_norm=cfg.privacy.device.max_grad_norm,
             secure_mode=cfg.privacy.secure_mode,
@@ -408,3 +441,105 @@ def evaluate(msg: Message, context: Context) -> Message:
     also reports the personalised model's accuracy on the same split.
     """
     return _handle(msg, context, train=False)
+
+
+# -- the policy's federated prior (client.policy_fed, server.policy) ----------------------
+
+
+def _policy_array(msg: Message, key: str, size: int) -> np.ndarray:
+    record = msg.content.array_records.get("arrays")
+    if record is None or key not in record:
+        raise ConfigError(f"message carries no '{key}' array")
+    vector = record[key].numpy()
+    if vector.shape != (size,) or vector.dtype != np.float64:
+        raise ValueError(
+            f"'{key}' must be float64 of shape ({size},) for the policy catalogue. "
+            f"Found {vector.dtype} {vector.shape}."
+        )
+    if not np.isfinite(vector).all():
+        raise ValueError(f"'{key}' holds values that are not finite.")
+    return vector
+
+
+def _simulated(context: Context) -> bool:
+    return not context.node_config.get(DEVICE_DIR_KEY)
+
+
+def _policy_statistics(cfg: EmofedConfig, context: Context) -> PolicyStatistics:
+    device_id = DeviceStore.from_context(context).device_id
+    if _simulated(context):
+        return history_statistics(cfg, simulated_person(cfg, device_id))
+    with open_device_store(context) as store:
+        state = store.get_json(POLICY_OBJECT) if POLICY_OBJECT in store else None
+    if state is None:
+        raise UnusableDeviceData("no policy feedback recorded on this device yet (run `emofed device run`)")
+    return statistics_from_state(cfg, state)
+
+
+def _train_policy(msg: Message, context: Context) -> Message:
+    cfg = _config(msg)
+    if not cfg.policy.enabled:
+        raise ConfigError("the policy prior is off in this run (policy.enabled=false)")
+    _policy_array(msg, POLICY_STATISTICS_KEY, statistics_size(cfg))  # the template the guard holds the reply to
+    stats = shared_block(_policy_statistics(cfg, context))
+    vector = stats.to_vector()
+    metrics: dict[str, Any] = {}
+    ledger = None
+    event = policy_event(cfg)
+    if event is not None:
+        server_round = _server_round(msg.content["config"])
+        privacy = DevicePrivacy.open(DeviceStore.from_context(context), cfg.privacy)
+        privacy.check(event, server_round=server_round)
+        seed = secrets.randbits(128) if cfg.privacy.secure_mode else privacy.noise_seed("policy", cfg.seed, server_round)
+        noised, params = privatise_events(
+            stats,
+            noise_multiplier=event.noise_multiplier,
+            reward_bound=policy_config(cfg).feedback.reward_bound,
+            rng=np.random.default_rng(seed),
+            feature_bound=1.0,  # the shared block is the emotion probabilities: ‖p‖ ≤ 1
+        )
+        # Spent and signed before anything leaves; if this raises, only the decline does.
+        metrics["dp-epsilon"] = privacy.record(
+            event,
+            server_round=server_round,
+            clipping_norm=params["sensitivity"],
+            extra={"policy_statistics": 1, "dimension": params["dimension"]},
+        )
+        ledger = privacy.ledger_record()
+        vector = noised.to_vector()
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({POLICY_STATISTICS_KEY: Array(np.ascontiguousarray(vector, dtype=np.float64))}),
+            "metrics": MetricRecord(metrics),
+        }
+    )
+    if ledger is not None:
+        content[LEDGER_RECORD] = ledger
+    return Message(content, reply_to=msg)
+
+
+def _evaluate_policy(msg: Message, context: Context) -> Message:
+    cfg = _config(msg)
+    if not cfg.policy.enabled:
+        raise ConfigError("the policy prior is off in this run (policy.enabled=false)")
+    actions = policy_config(cfg).action_names
+    prior = PolicyStatistics.from_vector(_policy_array(msg, POLICY_PRIOR_KEY, prior_size(cfg)), actions, NUM_FEATURES)
+    with open_device_store(context) as store:
+        store.put_json(PRIOR_OBJECT, prior.to_dict())  # what `emofed device run` starts from
+    metrics: dict[str, Any] = {}
+    if _simulated(context):
+        device_id = DeviceStore.from_context(context).device_id
+        metrics = evaluate_policies(cfg, prior, simulated_person(cfg, device_id))
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.train("policy")
+def train_policy(msg: Message, context: Context) -> Message:
+    """Share this device's policy statistics (privatised under device-level DP)."""
+    return _answer(msg, lambda: _train_policy(msg, context))
+
+
+@app.evaluate("policy")
+def evaluate_policy(msg: Message, context: Context) -> Message:
+    """Adopt the federated policy prior; a simulated device also scores four policies with it."""
+    return _answer(msg, lambda: _evaluate_policy(msg, context))

@@ -77,7 +77,7 @@ from emofed.protocol import (
     DEVICE_ROOT_KEY,
     simulated_device_root,
 )
-from privacy.accounting import PrivacyEvent, calibrate_noise
+from privacy.accounting import PrivacyEvent, calibrate_noise_beside
 from privacy.budget import BudgetedAccountant, PrivacyBudget
 from privacy.errors import LedgerTampered, PrivacyBudgetExceeded
 from privacy.guard import ledger_record
@@ -505,13 +505,16 @@ def round_noise_multiplier(
     accountant: str,
     rounds: int,
     plan: DPSGDPlan,
+    planned: Sequence[PrivacyEvent] = (),
 ) -> float:
     """σ of this round's DP-SGD: the configured one, or one calibrated over the planned run.
 
     Calibrated before training over ``rounds × plan.steps`` steps, so a device trained
     every round spends at most its budget by the last round (Abadi et al. 2016,
     "Deep Learning with Differential Privacy", §3.1; the accountant composes the
-    sampled Gaussian mechanism, Mironov et al. 2019).
+    sampled Gaussian mechanism, Mironov et al. 2019). Releases in ``planned`` (the
+    policy statistics, ``client.policy_fed``) are composed in, so DP-SGD and they
+    together spend at most the budget.
 
     Raises
     ------
@@ -520,11 +523,12 @@ def round_noise_multiplier(
     """
     if device.noise_multiplier is not None:
         return float(device.noise_multiplier)
-    return calibrate_noise(
+    return calibrate_noise_beside(
         target_epsilon=device.epsilon,
         delta=delta,
         sample_rate=plan.sample_rate,
         steps=rounds * plan.steps,
+        planned=planned,
         accountant=accountant,
     )
 

@@ -20,10 +20,19 @@ Sensitivity. Every feature vector has ``‖x‖₂ ≤ √5`` (:data:`FEATURE_NO
 probabilities lie on the simplex, so ``‖p‖₂ ≤ 1``; valence, arousal and recency lie in
 [-1, 1]; the time-of-day one-hot has norm 1) and every reward ``|r| ≤ R`` (the configured
 ``feedback.reward_bound``), so one decision moves the released vector by at most
-``‖x xᵀ‖_F + |r|‖x‖ ≤ 5 + √5 R``. A device makes many decisions, so its whole contribution
-is bounded by clipping instead: after :func:`clip_statistics` the released vector has norm
-at most ``clip``, which is the L2 sensitivity of the sum over devices when one device is
-added or removed (user-level adjacency, as in McMahan et al. 2018, arXiv:1710.06963, §3).
+``√(‖x xᵀ‖_F² + r²‖x‖²) ≤ √(25 + 5 R²)`` (:func:`event_sensitivity`; the two parts are
+disjoint coordinates). :func:`privatise_events` uses that record-level bound on a device's
+own release (one feedback event is one record, as one sample is for DP-SGD), on the block
+a device shares (:func:`shared_block`: the emotion probabilities, ``‖p‖ ≤ 1``, so
+``Δ = √(1 + R²)``). For
+user-level adjacency a device's whole contribution is bounded by clipping instead: after
+:func:`clip_statistics` the released vector has norm at most ``clip``, which is the L2
+sensitivity of the sum over devices when one device is added or removed (McMahan et al.
+2018, arXiv:1710.06963, §3).
+
+:func:`shrinkage_prior` turns averaged statistics into what a device starts from: each
+action's ridge estimate, worth a fixed number of pseudo-observations, so that the prior
+moves the estimates without silencing exploration.
 """
 
 from __future__ import annotations
@@ -52,13 +61,18 @@ __all__ = [
     "LinUCB",
     "PolicyStatistics",
     "RandomBandit",
+    "SHARED_FEATURES",
     "StateConfig",
     "affect",
     "aggregate_priors",
     "build_bandit",
     "clip_statistics",
+    "event_sensitivity",
     "features",
+    "privatise_events",
     "privatise_statistics",
+    "shared_block",
+    "shrinkage_prior",
     "time_bucket",
 ]
 
@@ -94,6 +108,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     *(f"tod_{name}" for name in TIME_BUCKETS),
 )
 NUM_FEATURES: int = len(FEATURE_NAMES)
+SHARED_FEATURES: int = NUM_CLASSES  # the emotion probabilities: the block shared for the prior
 FEATURE_NORM_BOUND: float = math.sqrt(5.0)
 
 
@@ -439,6 +454,116 @@ def privatise_statistics(
         vector.size,
     )
     return PolicyStatistics.from_vector(noised, stats.actions, stats.dim), params
+
+
+def event_sensitivity(reward_bound: float, feature_bound: float = FEATURE_NORM_BOUND) -> float:
+    """L2 change of :meth:`PolicyStatistics.to_vector` when one feedback event is added or removed.
+
+    One event adds ``x xᵀ`` to one action's ``xx`` (its upper triangle has norm at most
+    ``‖x‖² ≤ B²``) and ``r x`` to its ``rx`` (norm at most ``R B``). For the shared block
+    (:func:`shared_block`, the emotion probabilities) ``B = 1``.
+    """
+    return math.sqrt(feature_bound**4 + (reward_bound * feature_bound) ** 2)
+
+
+def shared_block(stats: PolicyStatistics) -> PolicyStatistics:
+    """The part of a device's statistics it shares for the prior: the emotion-probability block.
+
+    The first :data:`SHARED_FEATURES` features are the smoothed emotion probabilities; how much
+    an action helps in each emotion is what transfers between people. Valence and arousal
+    are linear in them, and the time-of-day and recency habits stay personal. On the
+    simplex ``‖p‖₂ ≤ 1``, so one event moves this block by at most ``√(1 + R²)``.
+    """
+    k = SHARED_FEATURES
+    return PolicyStatistics(stats.actions, stats.xx[:, :k, :k], stats.rx[:, :k])
+
+
+def privatise_events(
+    stats: PolicyStatistics,
+    *,
+    noise_multiplier: float,
+    reward_bound: float,
+    rng: np.random.Generator,
+    feature_bound: float = FEATURE_NORM_BOUND,
+) -> tuple[PolicyStatistics, dict[str, Any]]:
+    """Record-level Gaussian mechanism on a device's own statistics (local DP per feedback event).
+
+    No clipping is needed: every event's contribution is bounded by the feature and reward
+    bounds (:func:`event_sensitivity`; ``feature_bound`` bounds ``‖x‖`` of the block
+    released, 1 for :func:`shared_block`), so noise of standard deviation
+    ``noise_multiplier · Δ`` on every released coordinate makes the release
+    ``(ε, δ)``-DP for adding or removing any one feedback event, however many the device
+    holds (Dwork & Roth 2014, Thm. A.1, accounted with RDP). ``xx`` is rebuilt symmetric
+    from its noised upper triangle.
+
+    Returns
+    -------
+    PolicyStatistics
+        The noised statistics.
+    dict
+        Data-independent mechanism parameters: ``noise_multiplier``, ``sensitivity``,
+        ``noise_stddev``, ``dimension``, ``adjacency``.
+
+    Raises
+    ------
+    TypeError
+        If ``stats`` is not PolicyStatistics or ``rng`` is not a numpy Generator.
+    ValueError
+        If ``noise_multiplier`` is not positive or ``reward_bound`` is not positive.
+    """
+    if not isinstance(stats, PolicyStatistics):
+        raise TypeError(f"Expected PolicyStatistics. Found {type(stats).__name__}.")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy Generator. Found {type(rng).__name__}.")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier must be positive and finite. Found {noise_multiplier!r}.")
+    if not (math.isfinite(reward_bound) and reward_bound > 0):
+        raise ValueError(f"reward_bound must be positive and finite. Found {reward_bound!r}.")
+    sensitivity = event_sensitivity(reward_bound, feature_bound)
+    stddev = float(noise_multiplier) * sensitivity
+    vector = stats.to_vector()
+    noised = vector + rng.normal(0.0, stddev, size=vector.shape)
+    params = {
+        "noise_multiplier": float(noise_multiplier),
+        "sensitivity": sensitivity,
+        "noise_stddev": stddev,
+        "dimension": int(vector.size),
+        "adjacency": "add or remove one feedback event",
+    }
+    return PolicyStatistics.from_vector(noised, stats.actions, stats.dim), params
+
+
+def shrinkage_prior(
+    stats: PolicyStatistics, *, strength: float, ridge: float, dim: int = NUM_FEATURES
+) -> PolicyStatistics:
+    """A prior that holds each action's estimate from ``stats``, worth ``strength`` observations.
+
+    ``θ₀ₐ = (xxₐ + ridge·I)⁻¹ rxₐ`` is the ridge estimate of action ``a``'s reward model from
+    the (averaged, privatised) statistics, on their features (the first ``stats.dim`` of
+    ``dim``; 0 on the others). The returned prior has ``xx = strength·I`` and
+    ``rx = strength·θ₀``, so :class:`LinUCB` starts at ``θ₀`` shrunk by ``strength``
+    against its own ``ridge``, and local evidence outweighs it after a few decisions.
+    Handing the averaged statistics themselves over instead would also hand over their
+    confidence, inflated by the noise-calibrated ridge, and silence exploration. This is
+    a Gaussian prior ``N(θ₀, I/strength)`` on each action's weights (Bayesian linear
+    regression); post-processing, it costs no privacy.
+
+    Raises
+    ------
+    ValueError
+        If ``strength`` is negative, ``ridge`` is not positive or ``dim < stats.dim``.
+    """
+    if not strength >= 0:
+        raise ValueError(f"strength must be >= 0. Found {strength}.")
+    if not ridge > 0:
+        raise ValueError(f"ridge must be > 0. Found {ridge}.")
+    if dim < stats.dim:
+        raise ValueError(f"dim must be at least the statistics' {stats.dim}. Found {dim}.")
+    k = len(stats.actions)
+    eye = np.eye(stats.dim)
+    theta = np.zeros((k, dim))
+    theta[:, : stats.dim] = [np.linalg.solve(xx + ridge * eye, rx) for xx, rx in zip(stats.xx, stats.rx)]
+    return PolicyStatistics(stats.actions, np.broadcast_to(strength * np.eye(dim), (k, dim, dim)), strength * theta)
 
 
 def aggregate_priors(

@@ -53,6 +53,8 @@ from client.capture import (
 )
 from client.expression import MiniLMEncoder, TextEmbedder
 from client.policy import Decision, Policy, PolicyConfig
+from client.policy_fed import PRIOR_OBJECT
+from client.policy_state import PolicyStatistics
 from client.recognition import Recogniser
 from client.store import EncryptedStore, generate_key_file
 from models.labels import EMOTIONS
@@ -609,9 +611,16 @@ def load_policy(store: EncryptedStore, config: PolicyConfig, *, encoder: TextEmb
     state = store.get_json(POLICY_OBJECT) if POLICY_OBJECT in store else None
     embedder = CachedEmbedder(encoder if encoder is not None else MiniLMEncoder(), store)
     try:
-        return Policy(config, encoder=embedder, state=state)
+        policy = Policy(config, encoder=embedder, state=state)
     except (ValueError, KeyError, TypeError) as err:
         raise DeviceRuntimeError(f"the policy state in the device store does not fit the policy: {err}") from None
+    if PRIOR_OBJECT in store:
+        # The federation's latest prior (client.policy_fed); the device's own statistics stay.
+        try:
+            policy.set_prior(PolicyStatistics.from_dict(store.get_json(PRIOR_OBJECT)))
+        except (ValueError, KeyError, TypeError) as err:
+            raise DeviceRuntimeError(f"the policy prior in the device store does not fit the policy: {err}") from None
+    return policy
 
 
 def dumps(event: Mapping[str, Any]) -> str:

@@ -110,6 +110,7 @@ def make_line_printer(verbose: bool) -> Callable[[str], None]:
 
 def print_run_result(run_dir: Path, started: float) -> None:
     """The per-round table, final figures, privacy spent and where the run went."""
+    from server.policy import format_policy_table
     from server.report import format_personalisation, format_table
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
@@ -133,6 +134,13 @@ def print_run_result(run_dir: Path, started: float) -> None:
     personal_line = format_personalisation(summary.get("personalisation"))
     if personal_line:
         print(personal_line)
+    policy_lines = format_policy_table(summary.get("policy"))
+    if policy_lines:
+        print()
+        print("\n".join(policy_lines))
+        print()
+    elif (summary.get("policy") or {}).get("status") not in (None, "complete"):
+        print(f"policy prior: {summary['policy']['status']} {summary['policy'].get('error', '')}".rstrip())
     privacy = summary.get("privacy") or {}
     for level, scope in (("device", "per device, largest"), ("user", "federation")):
         section = privacy.get(level) or {}

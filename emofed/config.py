@@ -121,6 +121,25 @@ class PersonalConfig:
 
 
 @dataclass(frozen=True)
+class PolicyRunConfig:
+    """The emotion-management policy's federated prior, built after training (``server.policy``).
+
+    Each device shares its bandit's summary statistics once, privatised on the device
+    (record-level Gaussian noise at ``epsilon``, in its ledger) under device-level DP; the
+    server averages them into a prior mean per action. Simulated devices then play four
+    policies against their simulated person, and the run reports reward and regret.
+    """
+
+    enabled: bool = True
+    history: int = 1000  # decisions with feedback each simulated person gave before the prior
+    decisions: int = 300  # decisions per person and policy in the evaluation
+    epsilon: float | None = None  # device-level DP: epsilon of the one release; None: privacy.device.epsilon / 3
+    noise_multiplier: float | None = None  # None: calibrated to `epsilon`
+    prior_strength: float = 3.0  # pseudo-observations the prior mean is worth, per action
+    config_dir: str | None = None  # actions/messages/expressions.yaml; None: configs/policy
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     """Server-side aggregation (Flower strategies)."""
 
@@ -229,6 +248,7 @@ class EmofedConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
+    policy: PolicyRunConfig = field(default_factory=PolicyRunConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -302,6 +322,11 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "personal.epochs": (1, 1000),
     "personal.lr": (1e-7, 10.0),
     "personal.prox": (0.0, 100.0),
+    "policy.history": (1, 1_000_000),
+    "policy.decisions": (10, 1_000_000),
+    "policy.epsilon": (0.01, 1000.0),
+    "policy.noise_multiplier": (0.01, 10_000.0),
+    "policy.prior_strength": (0.0, 1e6),
     "simulation.cpus_per_device": (1, 1024),
     "simulation.gpus_per_device": (0.0, 64.0),
     "simulation.startup_timeout_s": (5.0, 3600.0),
@@ -393,6 +418,7 @@ def _check_consistency(cfg: EmofedConfig) -> None:
         )
     _check_secagg(cfg)
     _check_personal(cfg)
+    _check_policy(cfg)
     if cfg.strategy.min_train_devices > cfg.devices:
         raise ConfigError(
             f"'strategy.min_train_devices' must be at most devices={cfg.devices}. "
@@ -415,6 +441,18 @@ def _check_personal(cfg: EmofedConfig) -> None:
         raise ConfigError(
             "'personal.layers' may not hold 'fusion' with model.fusion.kind=mean (it has no weights). "
             f"Found {list(layers)}."
+        )
+
+
+def _check_policy(cfg: EmofedConfig) -> None:
+    if not cfg.policy.enabled:
+        return
+    p = cfg.privacy
+    epsilon = cfg.policy.epsilon
+    if p.device.enabled and p.device.noise_multiplier is None and epsilon is not None and epsilon >= p.device.epsilon:
+        raise ConfigError(
+            f"'policy.epsilon' must be below privacy.device.epsilon={p.device.epsilon:g}: the policy "
+            f"release and DP-SGD share the device's budget. Found {epsilon:g}."
         )
 
 

@@ -63,6 +63,22 @@ def eval_metric_keys(personal: bool) -> frozenset[str]:
 # held-out evaluation is a training device that reported no skips.
 EVAL_OPTIONAL_METRICS = frozenset({"heldout", *SKIPPED_METRICS})
 
+# The policy's federated prior (``server.policy``, ``client.policy_fed``): array keys of the
+# released statistics (train.policy) and of the prior sent back (evaluate.policy), the
+# compared policies, and the metrics of an evaluate.policy reply.
+POLICY_STATISTICS_KEY = "policy-statistics"
+POLICY_PRIOR_KEY = "policy-prior"
+POLICY_VARIANTS = ("random", "prior", "local", "federated")
+POLICY_VARIANT_LABELS = {
+    "random": "random",
+    "prior": "global prior only",
+    "local": "local only",
+    "federated": "federated prior + personalisation",
+}
+POLICY_SCORES = ("reward", "regret", "regret-first", "regret-last", "interventions")
+POLICY_EVAL_METRICS = frozenset(f"policy-{v}-{s}" for v in POLICY_VARIANTS for s in POLICY_SCORES)
+POLICY_TRAIN_METRICS = frozenset({"dp-epsilon"})
+
 # Run-config key (simulation only): where simulated devices keep their own stores.
 DEVICE_ROOT_KEY = "device-root"
 # Node-config keys (deployment): the device's own store and its name in the ledger.

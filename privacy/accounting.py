@@ -454,3 +454,69 @@ def _calibrate(
         accountant,
     )
     return sigma
+
+
+def calibrate_noise_beside(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    planned: Sequence[PrivacyEvent],
+    accountant: str = DEFAULT_ACCOUNTANT,
+    rel_tolerance: float = 1e-3,
+) -> float:
+    """Like :func:`calibrate_noise`, with other releases of the same scope already planned.
+
+    Returns the smallest σ (within ``rel_tolerance``) such that ``steps`` sampled Gaussian
+    steps at σ composed with every event of ``planned`` stay within ``target_epsilon``: a
+    device that will also release its policy statistics calibrates its DP-SGD so that
+    both together fit its budget. Bisection on σ over :func:`compute_epsilon`, starting
+    from the σ that spends the whole target alone (a lower bound). Memoised.
+
+    Raises
+    ------
+    ValueError
+        If the planned events alone already spend the target, or a parameter is out of range.
+    """
+    planned = tuple(planned)
+    if not planned:
+        return calibrate_noise(
+            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+        )
+    alone = compute_epsilon(planned, delta=delta, accountant=accountant)
+    if not alone < target_epsilon:
+        raise ValueError(
+            f"The other planned releases already spend epsilon {alone:.3g} of the target {target_epsilon:g}."
+        )
+    return _calibrate_beside(
+        float(target_epsilon), float(delta), float(sample_rate), int(steps), planned, accountant, float(rel_tolerance)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate_beside(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    planned: tuple[PrivacyEvent, ...],
+    accountant: str,
+    rel_tolerance: float,
+) -> float:
+    def fits(sigma: float) -> bool:
+        event = PrivacyEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+        return compute_epsilon([event, *planned], delta=delta, accountant=accountant) <= target_epsilon
+
+    low = calibrate_noise(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+    )
+    high = low * 2.0
+    while not fits(high):
+        low, high = high, high * 2.0
+        if high > 1e6:
+            raise ValueError(f"Could not calibrate noise beside the planned releases for epsilon {target_epsilon}.")
+    while high - low > rel_tolerance * high:
+        middle = 0.5 * (low + high)
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high

@@ -22,6 +22,7 @@ from models import build_model, get_state, shared_state_keys
 from privacy.ledger_store import LedgerStore
 from server.dp import PrivacyBudgetStop, UserLevelDP
 from server.grids import ENROLLED_NODES_KEY, EnrolledGrid, parse_enrolled
+from server.policy import policy_phase_blocker, run_policy_phase
 from server.report import PROGRESS_PREFIX, plot_curves
 from server.rundir import PLOT_FILE, RunDirectory
 from server.strategy import RoundLog, build_strategy
@@ -240,11 +241,19 @@ def personalisation_summary(cfg: EmofedConfig, rows: list[dict[str, Any]]) -> di
 
 
 def privacy_summary(
-    cfg: EmofedConfig, rows: list[dict[str, Any]], user_dp: UserLevelDP | None, ledger_dir: Path | None
+    cfg: EmofedConfig,
+    rows: list[dict[str, Any]],
+    user_dp: UserLevelDP | None,
+    ledger_dir: Path | None,
+    policy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``privacy`` section of ``summary.json``: settings and the ε spent per level."""
+    """The ``privacy`` section of ``summary.json``: settings and the ε spent per level
+    (a device's ε includes its policy release, ``policy``'s section, when it made one)."""
     p = cfg.privacy
     device_epsilons = [r["epsilon_device_max"] for r in rows if r.get("epsilon_device_max") is not None]
+    released = ((policy or {}).get("privacy") or {}).get("device_epsilon_max")
+    if released is not None:
+        device_epsilons.append(released)
     return {
         "preset": p.preset,
         "delta": p.delta,
@@ -283,6 +292,23 @@ def _heldout_count(cfg: EmofedConfig) -> int:
         return 0  # the devices report a broken folder themselves
     heldout = index.get("heldout", []) if isinstance(index, dict) else []
     return len(heldout) if isinstance(heldout, list) else 0
+
+
+def _policy_phase(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory, ledger: LedgerStore | None) -> dict[str, Any]:
+    """The policy prior phase (``server.policy``); a failure there keeps the trained model."""
+    blocker = policy_phase_blocker(cfg)
+    if blocker is not None:
+        logger.warning("Policy prior skipped: %s", blocker)
+        return {"status": "skipped", "error": blocker}
+    started = time.monotonic()
+    try:
+        section = run_policy_phase(grid, cfg, run_dir, ledger)
+    except Exception as err:  # the model's rounds are done and saved: report, do not lose them
+        reason = "".join(traceback.format_exception_only(type(err), err)).strip()
+        logger.error("Policy prior failed: %s", reason)
+        section = {"status": "failed", "error": reason}
+    section["seconds"] = round(time.monotonic() - started, 2)
+    return section
 
 
 @app.main()
@@ -360,6 +386,7 @@ def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
         arrays,
         {"format": "emofed-shared-weights/1", "config": to_json(cfg), "keys": ",".join(keys)},
     )
+    policy = _policy_phase(grid, cfg, run_dir, ledger) if cfg.policy.enabled else None
     rows = run_dir.rows
     budgets: dict[str, float] = {}
     if cfg.privacy.device.enabled:
@@ -380,9 +407,12 @@ def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
         "final": {k: last.get(k) for k in ("accuracy", "macro_f1", "eval_loss", "train_loss", "acc_face", "acc_voice", "acc_text")},
         "heldout": heldout_summary(rows),
         "personalisation": personalisation_summary(cfg, rows),
+        "policy": policy,
         "failed_device_replies": sum(r.get("failed_devices", 0) for r in rows),
         "declined_device_replies": sum(r.get("declined_devices", 0) for r in rows),
-        "privacy": privacy_summary(cfg, rows, user_dp, run_dir.final_path / LEDGER_DIR if ledger is not None else None),
+        "privacy": privacy_summary(
+            cfg, rows, user_dp, run_dir.final_path / LEDGER_DIR if ledger is not None else None, policy
+        ),
         "training_seconds": round(wall, 2),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

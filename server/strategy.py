@@ -516,22 +516,7 @@ class ScreenedStrategy:
         """Verify and keep a device's ledger entries; the reason if they are refused."""
         if self.ledger is None:  # build_strategy requires one with device-level DP
             raise RuntimeError("device-level DP without a ledger directory")
-        try:
-            lines, seal, key = read_ledger_record(record)
-            if not lines:
-                raise ValueError("it holds no entries")
-            scopes = {parse_line(line.rstrip("\n")).get("scope") for line in lines}
-            if len(scopes) != 1:
-                raise ValueError(f"entries of several scopes {sorted(map(str, scopes))}")
-            scope = str(scopes.pop())
-            known = self._node_scopes.get(node)
-            if known is not None and known != scope:
-                raise ValueError(f"scope {scope!r}, but this node sent {known!r} before")
-            self.ledger.receive(scope, lines, seal, public_key=key)
-        except (LedgerTampered, ValueError) as err:
-            return f"ledger record rejected: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        self._node_scopes[node] = scope
-        return None
+        return store_device_ledger(self.ledger, node, record, self._node_scopes)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -689,6 +674,32 @@ class ScreenedStrategy:
         )
         log.eval_metrics = dict(metrics)
         return metrics
+
+
+def store_device_ledger(
+    ledger: LedgerStore, node: int, record: ConfigRecord, node_scopes: dict[int, str]
+) -> str | None:
+    """Verify a device's shipped ledger chain and keep it in the run's ledger directory.
+
+    ``node_scopes`` remembers each node's scope: a node may not switch identity mid-run.
+    Returns the one-line reason the record is refused, or None when it was stored.
+    """
+    try:
+        lines, seal, key = read_ledger_record(record)
+        if not lines:
+            raise ValueError("it holds no entries")
+        scopes = {parse_line(line.rstrip("\n")).get("scope") for line in lines}
+        if len(scopes) != 1:
+            raise ValueError(f"entries of several scopes {sorted(map(str, scopes))}")
+        scope = str(scopes.pop())
+        known = node_scopes.get(node)
+        if known is not None and known != scope:
+            raise ValueError(f"scope {scope!r}, but this node sent {known!r} before")
+        ledger.receive(scope, lines, seal, public_key=key)
+    except (LedgerTampered, ValueError) as err:
+        return f"ledger record rejected: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    node_scopes[node] = scope
+    return None
 
 
 def build_strategy(

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import client.app
 import client.data
 from client.app import DeviceGuardMod, app
+from client.policy_fed import policy_event
 from client.dp import (
     KEY_OBJECT,
     DevicePrivacy,
@@ -50,7 +51,7 @@ from emofed.protocol import (
     train_metric_keys,
 )
 from models import build_model, get_state, set_state, shared_state_keys
-from privacy.accounting import PrivacyEvent, calibrate_noise, compute_epsilon
+from privacy.accounting import PrivacyEvent, calibrate_noise, calibrate_noise_beside, compute_epsilon
 from privacy.audit import audit
 from privacy.guard import LEDGER_RECORD, OutgoingGuard, OutgoingGuardMod, read_ledger_record
 from privacy.keys import (
@@ -216,20 +217,33 @@ def test_a_release_made_elsewhere_during_training_is_composed_before_spending(
     assert len(_ledger_bytes(tmp_path).splitlines()) == 3  # two entries and the seal
 
 
-def test_calibrated_noise_spends_the_budget_by_the_last_planned_round(tmp_path: Path) -> None:
-    """With σ calibrated over cfg.rounds, the last planned round ends within [0.9, 1]·budget."""
-    cfg = _make_config("rounds=3", "privacy.device.epsilon=2.0")
-    sigma = calibrate_noise(
-        target_epsilon=2.0, delta=1e-5, sample_rate=1 / 3, steps=9, accountant="opacus_rdp"
-    )
+@pytest.mark.parametrize("policy", [False, True])
+def test_calibrated_noise_spends_the_budget_by_the_last_planned_round(tmp_path: Path, policy: bool) -> None:
+    """With σ calibrated over cfg.rounds, the last planned round ends within [0.9, 1]·budget;
+    with the policy release planned too, DP-SGD leaves exactly the room that release needs."""
+    cfg = _make_config("rounds=3", "privacy.device.epsilon=2.0", f"policy.enabled={str(policy).lower()}")
+    if policy:
+        planned = policy_event(cfg)
+        sigma = calibrate_noise_beside(
+            target_epsilon=2.0, delta=1e-5, sample_rate=1 / 3, steps=9, planned=[planned], accountant="opacus_rdp"
+        )
+        sgd = PrivacyEvent(noise_multiplier=sigma, sample_rate=1 / 3, steps=9)
+        assert 0.99 * 2.0 <= compute_epsilon([sgd, planned], delta=1e-5) <= 2.0
+    else:
+        sigma = calibrate_noise(
+            target_epsilon=2.0, delta=1e-5, sample_rate=1 / 3, steps=9, accountant="opacus_rdp"
+        )
     spent = []
     for server_round in (1, 2, 3):
         reply = _train(cfg, tmp_path, server_round)
         assert not reply.has_error(), reply.error
         assert reply.content["metrics"]["dp-noise-multiplier"] == sigma
         spent.append(reply.content["metrics"]["dp-epsilon"])
-    assert 0.9 * 2.0 <= spent[-1] <= 2.0
+    assert (0.5 if policy else 0.9) * 2.0 <= spent[-1] <= 2.0
     assert spent == sorted(spent) and len(set(spent)) == 3
+    if policy:  # the room left is the policy release's (a 4th DP-SGD round may take it instead)
+        assert compute_epsilon([PrivacyEvent(noise_multiplier=sigma, sample_rate=1 / 3, steps=9), planned], delta=1e-5) <= 2.0
+        return
     reply = _train(cfg, tmp_path, 4)  # beyond the plan: nothing left
     assert reply.has_error() and reply.error.code == ERROR_BUDGET_EXHAUSTED
 

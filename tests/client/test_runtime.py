@@ -434,3 +434,25 @@ def test_switched_off_actions_stay_off_across_sessions(tmp_path, assets, capsys)
     code, _, err = _run(capsys, device, assets, "--key-file", str(key), "--switch-off", "yoga", inputs=("text",))
     assert code == 2 and "unknown action 'yoga'" in err
 
+
+def test_a_fresh_policy_starts_from_the_federated_prior_in_the_store(tmp_path):
+    """The prior the federation sent (client.policy_fed) is adopted; the device's own statistics stay."""
+    import numpy as np
+
+    from client.expression import HashingEncoder
+    from client.policy_fed import PRIOR_OBJECT
+    from client.policy_state import NUM_FEATURES, PolicyStatistics
+    from client.runtime import DeviceRuntimeError, load_policy
+
+    config = load_policy_config()
+    store, _ = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
+    k = len(config.action_names)
+    theta = np.random.default_rng(0).normal(size=(k, NUM_FEATURES))
+    prior = PolicyStatistics(config.action_names, np.broadcast_to(3.0 * np.eye(NUM_FEATURES), (k, NUM_FEATURES, NUM_FEATURES)), 3.0 * theta)
+    store.put_json(PRIOR_OBJECT, prior.to_dict())
+    policy = load_policy(store, config, encoder=HashingEncoder())
+    assert np.allclose(policy.bandit.prior.rx, prior.rx)
+    assert np.allclose(policy.local_statistics().xx, 0.0)
+    store.put_json(PRIOR_OBJECT, {"actions": ["a"], "xx": [[[1.0]]], "rx": [[1.0]]})
+    with pytest.raises(DeviceRuntimeError, match="policy prior"):
+        load_policy(store, config, encoder=HashingEncoder())

@@ -52,7 +52,10 @@ def test_both_dp_levels_produce_a_ledger_that_passes_the_audit(tmp_path: Path) -
     assert report.ok, report.format_table()
     scopes = {row.scope: row for row in report.scopes}
     assert set(scopes) == {"server", "device:0", "device:1", "device:2"}
-    assert all(row.releases == 2 for row in scopes.values())
+    # Two model rounds each; every device also released its policy statistics once, after training.
+    assert scopes["server"].releases == 2
+    assert all(scopes[f"device:{i}"].releases == 3 for i in range(3))
+    assert json.loads((run / "summary.json").read_text())["policy"]["devices_shared"] == 3
     # The server's ε is one composition of its two releases, as an outside accountant says.
     server = scopes["server"]
     entries = [json.loads(line) for line in (run / "ledger" / "server.jsonl").read_text().splitlines()[:-1]]

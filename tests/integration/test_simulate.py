@@ -58,9 +58,25 @@ def test_two_round_simulation_writes_a_sane_run_directory(tmp_path: Path) -> Non
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete"
     _check_personalisation(run, rows, summary, proc.stdout, weights)
+    _check_policy(run, summary, proc.stdout)
     # No SuperLink is left behind: the runner removes its FLWR_HOME after stopping it, so
     # a SuperLink whose home is gone was abandoned (others may belong to concurrent runs).
     assert _abandoned_superlinks() == []
+
+
+def _check_policy(run: Path, summary: dict, stdout: str) -> None:
+    """The policy prior went through the ClientApps: statistics, prior, table, and the ledgers."""
+    section = summary["policy"]
+    assert section["status"] == "complete", section
+    assert section["devices_shared"] == 3 and section["devices_scored"] == 3
+    assert (run / "policy_prior.json").exists()
+    assert "| federated prior + personalisation |" in stdout and "| local only |" in stdout
+    # Each device's ledger holds its two DP-SGD rounds and the policy release, within budget.
+    for chain in (run / "ledger" / "devices").glob("*.jsonl"):
+        entries = [json.loads(line) for line in chain.read_text().splitlines() if '"seq"' in line and "entry_hash" not in line]
+        assert [e["round"] for e in entries] == [1, 2, 3]
+        assert entries[-1]["extra"].get("policy_statistics") == 1
+        assert entries[-1]["epsilon"] <= entries[-1]["budget_epsilon"]
 
 
 def _check_personalisation(run: Path, rows: list[dict], summary: dict, stdout: str, weights: dict) -> None:
