@@ -42,6 +42,7 @@ from emofed.protocol import (
     POLICY_PRIOR_KEY,
     POLICY_SCORES,
     POLICY_STATISTICS_KEY,
+    POLICY_TRAIN_METRICS,
     POLICY_VARIANT_LABELS,
     POLICY_VARIANTS,
     SERVER_ROUND_KEY,
@@ -56,7 +57,6 @@ __all__ = ["PRIOR_FILE", "format_policy_table", "policy_phase_blocker", "run_pol
 logger = logging.getLogger(__name__)
 
 PRIOR_FILE = "policy_prior.json"
-_TRAIN_KEYS = frozenset({"dp-epsilon"})
 
 
 def policy_phase_blocker(cfg: EmofedConfig) -> str | None:
@@ -93,8 +93,8 @@ def _screen_statistics(reply: Message, size: int, device_dp: bool) -> np.ndarray
         return f"array '{POLICY_STATISTICS_KEY}' holds values that are not finite"
     metrics = content.metric_records.get("metrics")
     keys = set(metrics.keys()) if metrics is not None else set()
-    if not keys <= _TRAIN_KEYS:
-        return f"unexpected metrics {sorted(keys - _TRAIN_KEYS)}"
+    if not keys <= POLICY_TRAIN_METRICS:
+        return f"unexpected metrics {sorted(keys - POLICY_TRAIN_METRICS)}"
     if device_dp and LEDGER_RECORD not in content.config_records:
         return f"the device's ledger record '{LEDGER_RECORD}' is missing (device-level DP is on)"
     return vector
