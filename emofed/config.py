@@ -131,7 +131,7 @@ class PolicyRunConfig:
     """
 
     enabled: bool = True
-    history: int = 1000  # decisions with feedback each simulated person gave before the prior
+    history: int = 2000  # decisions with feedback each simulated person gave before the prior (about three weeks)
     decisions: int = 300  # decisions per person and policy in the evaluation
     epsilon: float | None = None  # device-level DP: epsilon of the one release; None: privacy.device.epsilon / 3
     noise_multiplier: float | None = None  # None: calibrated to `epsilon`
