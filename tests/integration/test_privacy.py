@@ -137,4 +137,10 @@ def test_devices_out_of_budget_decline_and_the_run_stops(tmp_path: Path) -> None
     assert rows[1]["train_devices"] == 0
     report = audit(run)
     assert report.ok, report.format_table()
-    assert all(row.releases == 1 for row in report.scopes)
+    # One DP-SGD round each; after the stop the policy phase still ran, and the policy release
+    # (a third of this small budget) fitted beside it: the second entry, within budget.
+    assert all(row.releases == 2 for row in report.scopes)
+    for chain in (run / "ledger" / "devices").glob("*.jsonl"):
+        entries = [json.loads(line) for line in chain.read_text().splitlines()[:-1]]
+        assert [e["extra"].get("policy_statistics") for e in entries] == [None, 1]
+        assert entries[-1]["epsilon"] <= entries[-1]["budget_epsilon"]
