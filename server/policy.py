@@ -100,11 +100,11 @@ def _screen_statistics(reply: Message, size: int, device_dp: bool) -> np.ndarray
     return vector
 
 
-def _message(cfg: EmofedConfig, node: int, key: str, vector: np.ndarray, message_type: str) -> Message:
+def _message(config: ConfigRecord, node: int, key: str, vector: np.ndarray, message_type: str) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord({key: Array(np.ascontiguousarray(vector, dtype=np.float64))}),
-            "config": ConfigRecord({MESSAGE_CONFIG_KEY: to_json(cfg), SERVER_ROUND_KEY: cfg.rounds + 1}),
+            "config": config,
         }
     )
     return Message(content=content, dst_node_id=node, message_type=message_type)
@@ -131,12 +131,14 @@ def run_policy_phase(
     size = statistics_size(cfg)
     nodes = sorted(grid.get_node_ids())
     timeout = cfg.strategy.round_timeout_s
+    # The round after the model's last: devices record the release under it.
+    request = ConfigRecord({MESSAGE_CONFIG_KEY: to_json(cfg), SERVER_ROUND_KEY: cfg.rounds + 1})
     logger.info(
         "Policy prior: asking %d devices for their emotion-block statistics (%d values each%s)",
         len(nodes), size, ", record-level DP on the device" if device_dp else ", no DP",
     )
     replies = grid.send_and_receive(
-        [_message(cfg, n, POLICY_STATISTICS_KEY, np.zeros(size), "train.policy") for n in nodes], timeout=timeout
+        [_message(request, n, POLICY_STATISTICS_KEY, np.zeros(size), "train.policy") for n in nodes], timeout=timeout
     )
     shared: dict[int, PolicyStatistics] = {}
     refused: list[str] = []
@@ -173,12 +175,13 @@ def run_policy_phase(
     event = policy_event(cfg)
     stddev = 0.0
     if event is not None:
-        stddev = event.noise_multiplier * event_sensitivity(config.feedback.reward_bound, 1.0)
+        sensitivity = event_sensitivity(config.feedback.reward_bound, 1.0)  # the emotion block: ‖p‖ ≤ 1
+        stddev = event.noise_multiplier * sensitivity
         section["privacy"] = {
             "level": "device (record-level: one feedback event)",
             "epsilon_alone": policy_epsilon(cfg) if cfg.policy.noise_multiplier is None else None,
             "noise_multiplier": event.noise_multiplier,
-            "sensitivity": event_sensitivity(config.feedback.reward_bound, 1.0),
+            "sensitivity": sensitivity,
             "device_epsilon_max": max(epsilons) if epsilons else None,
         }
     else:
@@ -203,7 +206,7 @@ def run_policy_phase(
     for node in nodes:
         others = [s for n, s in shared.items() if n != node]
         own_prior = prior_of(others) if others else prior
-        messages.append(_message(cfg, node, POLICY_PRIOR_KEY, own_prior.to_vector(), "evaluate.policy"))
+        messages.append(_message(request, node, POLICY_PRIOR_KEY, own_prior.to_vector(), "evaluate.policy"))
     scores: list[dict[str, float]] = []
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
