@@ -30,12 +30,13 @@ import numpy as np
 from client.expression import MessageBank, build_encoder
 from client.policy import Policy, PolicyConfig, load_policy_config
 from client.policy_state import NUM_FEATURES, SHARED_FEATURES, PolicyStatistics
-from emofed.config import EmofedConfig
+from emofed.config import ConfigError, EmofedConfig
 from privacy.accounting import PrivacyEvent, calibrate_noise
 from simulations.users import UserProfile, make_population, run_policy
 
 __all__ = [
     "PRIOR_OBJECT",
+    "check_catalogue",
     "evaluate_policies",
     "history_statistics",
     "policy_config",
@@ -65,6 +66,20 @@ def _bank(directory: str | None) -> MessageBank:
     # Messages do not change a decision; the hashing encoder spares loading MiniLM per device.
     config = _policy_config(directory)
     return MessageBank(config.messages, {a.name: a.description for a in config.actions}, build_encoder("hashing"))
+
+
+def check_catalogue(cfg: EmofedConfig) -> None:
+    """Load the run's policy catalogue once, so a broken one stops a run before any work.
+
+    Raises
+    ------
+    emofed.config.ConfigError
+        One line naming ``policy.config_dir`` and what is wrong with its files.
+    """
+    try:
+        policy_config(cfg)
+    except (ConfigError, TypeError) as err:
+        raise ConfigError(f"'policy.config_dir': {err}") from None
 
 
 def policy_epsilon(cfg: EmofedConfig) -> float:

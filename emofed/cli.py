@@ -63,7 +63,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     # Heavy imports only after the configuration is known to be good.
     from client.data import FederationFolderError, read_federation
+    from client.policy_fed import check_catalogue
     from simulations.runner import SimulationError, run_simulation
+
+    if cfg.policy.enabled:
+        try:
+            check_catalogue(cfg)
+        except ConfigError as err:
+            return _fail(str(err))
 
     try:
         overrides = list(args.overrides)

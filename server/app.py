@@ -22,6 +22,7 @@ from models import build_model, get_state, shared_state_keys
 from privacy.ledger_store import LedgerStore
 from server.dp import PrivacyBudgetStop, UserLevelDP
 from server.grids import ENROLLED_NODES_KEY, EnrolledGrid, parse_enrolled
+from client.policy_fed import check_catalogue
 from server.policy import policy_phase_blocker, run_policy_phase
 from server.report import PROGRESS_PREFIX, plot_curves
 from server.rundir import PLOT_FILE, RunDirectory
@@ -332,6 +333,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
+    if cfg.policy.enabled:
+        check_catalogue(cfg)  # a broken policy catalogue fails the run before any training
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     run_dir.write_config(to_yaml(cfg))

@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import ERROR_BAD_REQUEST, app
 from client.personal import open_device_store
 from client.policy_fed import (
+    check_catalogue,
     policy_epsilon,
     PRIOR_OBJECT,
     evaluate_policies,
@@ -150,6 +151,8 @@ def test_policy_event_follows_the_config() -> None:
         load_config(None, [*SMALL, "policy.epsilon=3"])
     with pytest.raises(ConfigError, match="policy.history"):
         load_config(None, [*SMALL, "policy.history=0"])
+    with pytest.raises(ConfigError, match="'policy.config_dir': config file not found"):
+        check_catalogue(load_config(None, [*SMALL, "policy.config_dir=/nonexistent/policy"]))
 
 
 # -- the ClientApp ------------------------------------------------------------------------

@@ -46,3 +46,13 @@ def test_config_show_rejects_typos(capsys: pytest.CaptureFixture[str]) -> None:
     """`emofed config show` validates like `simulate`."""
     assert main(["config", "show", "train.lrr=1"]) == 2
     assert "unknown key 'train.lrr'" in capsys.readouterr().err
+
+
+def test_simulate_with_a_broken_policy_catalogue_stops_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing policy catalogue is one error line and exit code 2; no run directory is made."""
+    code = main(["simulate", f"output.dir={tmp_path}", f"policy.config_dir={tmp_path / 'missing'}"])
+    assert code == 2
+    assert "'policy.config_dir': config file not found" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
