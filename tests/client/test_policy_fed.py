@@ -243,3 +243,33 @@ def test_federated_prior_with_personalisation_beats_local_learning() -> None:
     mean = {v: float(np.mean(r)) for v, r in regret.items()}
     assert mean["federated"] < mean["local"] < mean["random"], mean
     assert mean["prior"] < mean["random"], mean
+
+
+def test_a_deployed_device_shares_the_feedback_its_runtime_recorded(tmp_path: Path) -> None:
+    """With a device folder (deployment), the statistics come from `emofed device run`'s policy
+    state in the encrypted store; a device without feedback declines with a reason."""
+    from client.app import ERROR_UNUSABLE_DATA
+    from client.expression import HashingEncoder
+    from client.policy import Policy
+    from client.runtime import POLICY_OBJECT
+    from simulations.users import run_policy
+
+    cfg = load_config(None, [*SMALL, "privacy.preset=off"])
+    folder = tmp_path / "dev0"
+    context = Context(
+        run_id=1, node_id=5, node_config={"device-dir": str(folder), "device-id": "dev0"}, state=RecordDict(),
+        run_config={},
+    )
+    message = _message(cfg, "train.policy", POLICY_STATISTICS_KEY, np.zeros(statistics_size(cfg)))
+    reply = app(message, context)
+    assert reply.has_error() and reply.error.code == ERROR_UNUSABLE_DATA
+    assert "no policy feedback recorded" in reply.error.reason
+
+    policy = Policy(policy_config(cfg), encoder=HashingEncoder())
+    run_policy(policy, simulated_person(cfg, "3"), decisions=40, seed=0)
+    with open_device_store(context) as store:
+        store.put_json(POLICY_OBJECT, policy.state_dict())
+    reply = app(message, context)
+    assert not reply.has_error(), reply.error
+    sent = reply.content["arrays"][POLICY_STATISTICS_KEY].numpy()
+    assert np.allclose(sent, shared_block(policy.local_statistics()).to_vector())
