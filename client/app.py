@@ -71,7 +71,8 @@ from client.policy_fed import (
     statistics_from_state,
     statistics_size,
 )
-from client.policy_state import NUM_FEATURES, PolicyStatistics, privatise_events, shared_block
+from client.policy_release import privatise_events, shared_block
+from client.policy_state import NUM_FEATURES, PolicyStatistics
 from client.runtime import POLICY_OBJECT
 from client.secagg import secure_aggregation_mod
 from client.store import StoreError

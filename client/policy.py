@@ -325,7 +325,7 @@ class Policy:
     config : PolicyConfig
         From :func:`load_policy_config`.
     prior : PolicyStatistics, optional
-        Federated prior (``client.policy_state.aggregate_priors``); None: learn from scratch.
+        Federated prior (``client.policy_release.aggregate_priors``); None: learn from scratch.
     bank : MessageBank, optional
         A message bank already embedded (share one between policies); None builds one.
     encoder : callable, optional

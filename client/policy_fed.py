@@ -3,7 +3,7 @@
 After the model's rounds the coordinator asks every device twice:
 
 * ``train.policy``: the emotion-probability block of the device's bandit statistics
-  (``client.policy_state.shared_block``: sums over its feedback events). A simulated device plays ``policy.history`` decisions of a
+  (``client.policy_release.shared_block``: sums over its feedback events). A simulated device plays ``policy.history`` decisions of a
   simulated person (``simulations.users``) with a local LinUCB; a deployed device reads the
   policy state ``emofed device run`` keeps in its encrypted store. Under device-level DP the
   statistics are privatised on the device with record-level Gaussian noise

@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from client.audio_stream import AudioStream
 from client.capture import (
     AudioSource,
-    AudioStream,
     CaptureError,
     FeedbackLine,
     LiveLines,

@@ -111,10 +111,9 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     # Heavy imports once the arguments are known to be good.
     import torch
 
+    from client.audio_stream import DEFAULT_STREAM_BUFFER_S, AudioStream
     from client.capture import (
-        DEFAULT_STREAM_BUFFER_S,
         AudioSource,
-        AudioStream,
         CaptureError,
         LiveLines,
         TextSource,

@@ -29,13 +29,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from client.policy_fed import FIRST_LAST_WINDOW, policy_config, policy_epsilon, policy_event, statistics_size
-from client.policy_state import (
-    SHARED_FEATURES,
-    PolicyStatistics,
-    aggregate_priors,
-    event_sensitivity,
-    shrinkage_prior,
-)
+from client.policy_release import aggregate_priors, event_sensitivity, shrinkage_prior
+from client.policy_state import SHARED_FEATURES, PolicyStatistics
 from emofed.config import MESSAGE_CONFIG_KEY, EmofedConfig, to_json
 from emofed.protocol import (
     POLICY_EVAL_METRICS,

@@ -15,7 +15,8 @@ import pytest
 from test_runtime import _check_decision, _make_run  # tests/client is on sys.path (pytest's rootdir-less import)
 
 from client import capture
-from client.capture import AudioStream, CaptureError, VideoSource
+from client.audio_stream import AudioStream
+from client.capture import CaptureError, VideoSource
 from client.store import generate_key_file
 from emofed.cli import main
 from models.labels import EMOTIONS

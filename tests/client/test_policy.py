@@ -19,6 +19,7 @@ from client.expression import (
     MiniLMEncoder,
 )
 from client.policy import POLICY_CONFIG_DIR, Decision, Policy, PolicyConfig, load_policy_config
+from client.policy_release import aggregate_priors, clip_statistics, privatise_statistics
 from client.policy_state import (
     CIRCUMPLEX,
     FEATURE_NAMES,
@@ -26,10 +27,7 @@ from client.policy_state import (
     EmotionTracker,
     PolicyStatistics,
     affect,
-    aggregate_priors,
-    clip_statistics,
     features,
-    privatise_statistics,
 )
 from emofed.config import ConfigError
 from models.labels import EMOTIONS

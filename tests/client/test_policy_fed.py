@@ -24,16 +24,14 @@ from client.policy_fed import (
     simulated_person,
     statistics_size,
 )
-from client.policy_state import (
-    FEATURE_NORM_BOUND,
-    NUM_FEATURES,
-    PolicyStatistics,
+from client.policy_release import (
     aggregate_priors,
     event_sensitivity,
     privatise_events,
     shared_block,
     shrinkage_prior,
 )
+from client.policy_state import FEATURE_NORM_BOUND, NUM_FEATURES, PolicyStatistics
 from emofed.config import ConfigError, load_config, to_json
 from emofed.protocol import DEVICE_ROOT_KEY, POLICY_EVAL_METRICS, POLICY_PRIOR_KEY, POLICY_STATISTICS_KEY
 from privacy.accounting import PrivacyEvent, calibrate_noise, calibrate_noise_beside, compute_epsilon
