@@ -36,8 +36,10 @@ import numpy as np
 
 from client.expression import MessageBank, build_encoder
 from client.policy import Policy, PolicyConfig, load_policy_config
+from client.policy_fed import variants
 from client.policy_release import aggregate_priors, privatise_statistics, shared_block, shrinkage_prior
 from client.policy_state import PolicyStatistics
+from emofed.protocol import POLICY_VARIANT_LABELS
 from privacy.accounting import PrivacyEvent, calibrate_noise, compute_epsilon
 from simulations.users import Outcome, UserProfile, make_population, run_policy
 
@@ -75,22 +77,6 @@ def build_prior(
         shared.append(noised)
     mean = aggregate_priors(shared, device_noise_stddev=params["device_noise_stddev"])
     return shrinkage_prior(mean, strength=strength, ridge=config.bandit.ridge), params, norms
-
-
-def variants(
-    config: PolicyConfig, prior: PolicyStatistics
-) -> dict[str, tuple[PolicyConfig, PolicyStatistics | None]]:
-    """The four compared policies: the config and prior of each."""
-    bandit = config.bandit
-    return {
-        "random": (replace(config, bandit=replace(bandit, kind="random")), None),
-        "global prior only": (replace(config, bandit=replace(bandit, learn=False, alpha=0.0)), prior),
-        "local only": (replace(config, bandit=replace(bandit, learn=True)), None),
-        "federated prior + personalisation": (
-            replace(config, bandit=replace(bandit, learn=True)),
-            prior,
-        ),
-    }
 
 
 def _row(name: str, outcomes: Sequence[Outcome], window: int, quiet: str) -> str:
@@ -173,6 +159,7 @@ def main(argv: list[str]) -> int:
         "|---|---|---|---|---|---|---|",
     ]
     for name, (variant, variant_prior) in variants(config, prior).items():
+        name = POLICY_VARIANT_LABELS[name]
         outcomes = [
             run_policy(
                 Policy(variant, prior=variant_prior, bank=bank),

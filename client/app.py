@@ -71,7 +71,7 @@ from client.policy_fed import (
     statistics_from_state,
     statistics_size,
 )
-from client.policy_release import privatise_events, shared_block
+from client.policy_release import SHARED_NORM_BOUND, privatise_events, shared_block
 from client.policy_state import NUM_FEATURES, PolicyStatistics
 from client.runtime import POLICY_OBJECT
 from client.secagg import secure_aggregation_mod
@@ -497,7 +497,7 @@ def _train_policy(msg: Message, context: Context) -> Message:
             noise_multiplier=event.noise_multiplier,
             reward_bound=policy_config(cfg).feedback.reward_bound,
             rng=np.random.default_rng(seed),
-            feature_bound=1.0,  # the shared block is the emotion probabilities: ‖p‖ ≤ 1
+            feature_bound=SHARED_NORM_BOUND,
         )
         # Spent and signed before anything leaves; if this raises, only the decline does.
         metrics["dp-epsilon"] = privacy.record(

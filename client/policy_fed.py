@@ -45,6 +45,7 @@ __all__ = [
     "prior_size",
     "simulated_person",
     "statistics_from_state",
+    "variants",
 ]
 
 PRIOR_OBJECT = "policy_prior"  # the federated prior a device adopted, JSON, in its store
@@ -145,9 +146,10 @@ def statistics_from_state(cfg: EmofedConfig, state: Mapping) -> PolicyStatistics
     return policy.local_statistics()
 
 
-def variants(cfg: EmofedConfig, prior: PolicyStatistics) -> dict[str, tuple[PolicyConfig, PolicyStatistics | None]]:
+def variants(
+    config: PolicyConfig, prior: PolicyStatistics
+) -> dict[str, tuple[PolicyConfig, PolicyStatistics | None]]:
     """The four compared policies (:data:`emofed.protocol.POLICY_VARIANTS`): config and prior."""
-    config = policy_config(cfg)
     bandit = config.bandit
     learn = replace(config, bandit=replace(bandit, kind="linucb", learn=True))
     return {
@@ -171,7 +173,7 @@ def evaluate_policies(cfg: EmofedConfig, prior: PolicyStatistics, person: UserPr
     bank = _bank(cfg.policy.config_dir)
     window = min(FIRST_LAST_WINDOW, cfg.policy.decisions)
     metrics: dict[str, float] = {}
-    for name, (config, variant_prior) in variants(cfg, prior).items():
+    for name, (config, variant_prior) in variants(policy_config(cfg), prior).items():
         outcome = run_policy(
             Policy(config, prior=variant_prior, bank=bank), person, decisions=cfg.policy.decisions,
             seed=cfg.seed + 1,  # days the history never saw

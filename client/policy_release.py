@@ -36,6 +36,7 @@ import numpy as np
 from client.policy_state import FEATURE_NORM_BOUND, NUM_FEATURES, SHARED_FEATURES, PolicyStatistics
 
 __all__ = [
+    "SHARED_NORM_BOUND",
     "aggregate_priors",
     "clip_statistics",
     "event_sensitivity",
@@ -46,6 +47,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# ‖p‖₂ of the block shared_block releases: emotion probabilities lie on the simplex.
+SHARED_NORM_BOUND: float = 1.0
 
 
 def clip_statistics(stats: PolicyStatistics, clip: float) -> PolicyStatistics:

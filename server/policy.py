@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from client.policy_fed import FIRST_LAST_WINDOW, policy_config, policy_epsilon, policy_event, statistics_size
-from client.policy_release import aggregate_priors, event_sensitivity, shrinkage_prior
+from client.policy_release import SHARED_NORM_BOUND, aggregate_priors, event_sensitivity, shrinkage_prior
 from client.policy_state import SHARED_FEATURES, PolicyStatistics
 from emofed.config import MESSAGE_CONFIG_KEY, EmofedConfig, to_json
 from emofed.protocol import (
@@ -170,7 +170,7 @@ def run_policy_phase(
     event = policy_event(cfg)
     stddev = 0.0
     if event is not None:
-        sensitivity = event_sensitivity(config.feedback.reward_bound, 1.0)  # the emotion block: ‖p‖ ≤ 1
+        sensitivity = event_sensitivity(config.feedback.reward_bound, SHARED_NORM_BOUND)
         stddev = event.noise_multiplier * sensitivity
         section["privacy"] = {
             "level": "device (record-level: one feedback event)",
