@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from emofed.flower import free_port  # noqa: E402
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
-EMOFED = [sys.executable, "-m", "emofed.cli"]
+EMOFED = [sys.executable, "-m", "cli"]
 DEVICES = 3
 MODES = {
     "DP, no SecAgg+": ["privacy.user.enabled=true", "privacy.secagg.enabled=false"],

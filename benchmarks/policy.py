@@ -34,12 +34,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from client.expression import MessageBank, build_encoder
-from client.policy import Policy, PolicyConfig, load_policy_config
-from client.policy_fed import variants
-from client.policy_release import aggregate_priors, privatise_statistics, shared_block, shrinkage_prior
-from client.policy_state import PolicyStatistics
 from emofed.protocol import POLICY_VARIANT_LABELS
+from policy.expression import MessageBank, build_encoder
+from policy.federated import variants
+from policy.release import aggregate_priors, privatise_statistics, shared_block, shrinkage_prior
+from policy.rules import Policy, PolicyConfig, load_policy_config
+from policy.state import PolicyStatistics
 from privacy.accounting import PrivacyEvent, calibrate_noise, compute_epsilon
 from simulations.users import Outcome, UserProfile, make_population, run_policy
 

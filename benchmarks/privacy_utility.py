@@ -50,7 +50,7 @@ def _privacy_overrides(epsilon: float, level: str) -> list[str]:
 
 def _run(out: Path, name: str, overrides: list[str]) -> dict:
     command = [
-        sys.executable, "-m", "emofed.cli", "simulate",
+        sys.executable, "-m", "cli", "simulate",
         f"output.dir={out}", f"output.name={name}", *overrides,
     ]
     started = time.monotonic()
@@ -61,7 +61,7 @@ def _run(out: Path, name: str, overrides: list[str]) -> dict:
         raise SystemExit(f"run {name} failed (exit {done.returncode}):\n{tail}")
     summary = json.loads((out / name / "summary.json").read_text())
     audited = subprocess.run(
-        [sys.executable, "-m", "emofed.cli", "audit", str(out / name)],
+        [sys.executable, "-m", "cli", "audit", str(out / name)],
         cwd=ROOT, capture_output=True, text=True,
     )
     if (out / name / "ledger").exists() and audited.returncode != 0:

@@ -151,14 +151,9 @@ def run_central(folder: Path, overrides: list[str]) -> dict[str, Any]:
     import torch
     from torch.utils.data import TensorDataset
 
-    from client.data import (
-        UnusableDeviceData,
-        heldout_devices,
-        preprocess_device,
-        read_device_folder,
-        read_federation,
-    )
+    from client.data import UnusableDeviceData, preprocess_device
     from client.train import evaluate_local, select_device, train_local
+    from corpora.folder import heldout_devices, read_device_folder, read_federation
     from emofed.config import load_config
     from models import build_model
 
@@ -207,7 +202,7 @@ def run_federated(folder: Path, preset: str, overrides: list[str], work: Path, n
     """``emofed simulate`` on the folder with a privacy preset; its held-out and local scores."""
     started = time.monotonic()
     command = [
-        sys.executable, "-m", "emofed.cli", "simulate", "data.source=folder", f"data.path={folder}",
+        sys.executable, "-m", "cli", "simulate", "data.source=folder", f"data.path={folder}",
         *overrides, f"privacy.preset={preset}", f"output.dir={work}", f"output.name={name}",
     ]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)

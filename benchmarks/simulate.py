@@ -42,7 +42,7 @@ def _tree_rss(root: psutil.Process) -> int:
 def main(overrides: list[str]) -> int:
     """Run one simulation and print its figures; returns the simulation's exit code."""
     out = Path(tempfile.mkdtemp(prefix="emofed-bench-"))
-    command = [sys.executable, "-m", "emofed.cli", "simulate", f"output.dir={out}", "output.name=run", *overrides]
+    command = [sys.executable, "-m", "cli", "simulate", f"output.dir={out}", "output.name=run", *overrides]
     started = time.monotonic()
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(child.pid)

@@ -22,6 +22,9 @@ of ``emofed.protocol``, with a one-line reason.
 
 from __future__ import annotations
 
+# isort: off
+import emofed.preload  # noqa: F401  (first: see emofed/preload.py)
+# isort: on
 import logging
 import secrets
 import zlib
@@ -42,7 +45,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.data import DeviceData, FederationFolderError, UnusableDeviceData, load_device_data
+from client.data import DeviceData, UnusableDeviceData, load_device_data
 from client.dp import (
     DevicePrivacy,
     DeviceStore,
@@ -60,23 +63,11 @@ from client.personal import (
     personal_arrays_in,
     personalise,
 )
-from client.policy_fed import (
-    PRIOR_OBJECT,
-    evaluate_policies,
-    history_statistics,
-    policy_config,
-    policy_event,
-    prior_size,
-    simulated_person,
-    statistics_from_state,
-    statistics_size,
-)
-from client.policy_release import SHARED_NORM_BOUND, privatise_events, shared_block
-from client.policy_state import NUM_FEATURES, PolicyStatistics
-from client.runtime import POLICY_OBJECT
 from client.secagg import secure_aggregation_mod
-from client.store import StoreError
 from client.train import evaluate_local, select_device, train_local
+from corpora.folder import FederationFolderError
+from device.runtime import POLICY_OBJECT
+from device.store import StoreError
 from emofed.config import MESSAGE_CONFIG_KEY, ConfigError, EmofedConfig, fingerprint, from_json
 from emofed.protocol import (
     DEVICE_DIR_KEY,
@@ -98,6 +89,16 @@ from emofed.protocol import (
     USER_DP_METRICS,
 )
 from models import NUM_CLASSES, MultimodalEmotionNet, build_model, get_state, set_state
+from policy.federated import (
+    PRIOR_OBJECT,
+    policy_config,
+    policy_event,
+    prior_size,
+    statistics_from_state,
+    statistics_size,
+)
+from policy.release import SHARED_NORM_BOUND, privatise_events, shared_block
+from policy.state import NUM_FEATURES, PolicyStatistics
 from privacy.errors import GuardViolation, LedgerTampered, PrivacyBudgetExceeded
 from privacy.guard import LEDGER_RECORD, OutgoingGuardMod
 from privacy.keys import public_key_to_string
@@ -444,7 +445,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _handle(msg, context, train=False)
 
 
-# -- the policy's federated prior (client.policy_fed, server.policy) ----------------------
+# -- the policy's federated prior (policy.federated, server.policy) ----------------------
 
 
 def _policy_array(msg: Message, key: str, size: int) -> np.ndarray:
@@ -469,6 +470,8 @@ def _simulated(context: Context) -> bool:
 def _policy_statistics(cfg: EmofedConfig, context: Context) -> PolicyStatistics:
     device_id = DeviceStore.from_context(context).device_id
     if _simulated(context):
+        from simulations.users import history_statistics, simulated_person  # simulation only
+
         return history_statistics(cfg, simulated_person(cfg, device_id))
     with open_device_store(context) as store:
         state = store.get_json(POLICY_OBJECT) if POLICY_OBJECT in store else None
@@ -530,6 +533,8 @@ def _evaluate_policy(msg: Message, context: Context) -> Message:
     metrics: dict[str, Any] = {}
     if _simulated(context):
         device_id = DeviceStore.from_context(context).device_id
+        from simulations.users import evaluate_policies, simulated_person  # simulation only
+
         metrics = evaluate_policies(cfg, prior, simulated_person(cfg, device_id))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -17,7 +17,7 @@ Per round, in this order (no release can exceed the budget)::
     epsilon = privacy.record(event, ...)                   # spend, then sign into the ledger
 
 Everything a device keeps for its privacy lives in its encrypted store
-(:mod:`client.store`, ``<device folder>/store``, keyed by ``keys/store.key``; see
+(:mod:`device.store`, ``<device folder>/store``, keyed by ``keys/store.key``; see
 :class:`DeviceStore`)::
 
     ledger-key                  the Ed25519 ledger-signing key (32 raw bytes), created on
@@ -60,7 +60,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
-from client.store import (
+from device.store import (
     HEADER_FILE,
     EncryptedStore,
     StoreError,
@@ -104,7 +104,7 @@ KEY_OBJECT = "ledger-key"  # the store object holding the Ed25519 ledger-signing
 CHAIN_PREFIX = "ledger"  # the store object ledger.<run_id>.<device_id>: one chain per run
 LEGACY_KEY_FILE = Path(KEYS_DIR) / "ledger.key"  # older versions' plaintext key, imported once
 LEGACY_LEDGER_DIR = "ledger"  # older versions' plaintext chains, imported once
-_MAX_OBJECT_NAME = 128  # client.store.check_name
+_MAX_OBJECT_NAME = 128  # device.store.check_name
 # δ must be well below 1/records: δ = 1/n allows publishing one record outright.
 DELTA_RECORDS_FACTOR = 10
 
@@ -116,7 +116,7 @@ DELTA_RECORDS_FACTOR = 10
 class DeviceStore:
     """Where one device keeps its privacy state, and which of its chains is this run's.
 
-    Everything lives in the device's encrypted store (:mod:`client.store`): the
+    Everything lives in the device's encrypted store (:mod:`device.store`): the
     Ed25519 ledger-signing key (object ``ledger-key``, created on first use) and one
     signed chain per run (object :attr:`chain_object`).
 
@@ -233,9 +233,9 @@ class DeviceStore:
 
         Raises
         ------
-        client.store.StoreNotFound
+        device.store.StoreNotFound
             If there is no store and ``create`` is False.
-        client.store.WrongStoreKey, client.store.StoreTampered
+        device.store.WrongStoreKey, device.store.StoreTampered
             If the key file does not open the store, or its header was modified.
         FileNotFoundError
             If the store exists but its key file does not.
@@ -286,7 +286,7 @@ def _read_ledger_key(store: EncryptedStore) -> Ed25519PrivateKey:
 
     Raises
     ------
-    client.store.StoreTampered
+    device.store.StoreTampered
         If the object fails authentication or does not hold an Ed25519 key.
     """
     try:
@@ -307,7 +307,7 @@ def _load_ledger_key(device: DeviceStore, store: EncryptedStore) -> Ed25519Priva
 
     Raises
     ------
-    client.store.StoreError
+    device.store.StoreError
         If the store holds a different key than a plaintext ``keys/ledger.key`` left
         beside it (neither is discarded).
     PermissionError
@@ -513,7 +513,7 @@ def round_noise_multiplier(
     every round spends at most its budget by the last round (Abadi et al. 2016,
     "Deep Learning with Differential Privacy", §3.1; the accountant composes the
     sampled Gaussian mechanism, Mironov et al. 2019). Releases in ``planned`` (the
-    policy statistics, ``client.policy_fed``) are composed in, so DP-SGD and they
+    policy statistics, ``policy.federated``) are composed in, so DP-SGD and they
     together spend at most the budget.
 
     Raises
@@ -611,7 +611,7 @@ class DevicePrivacy:
             If the request's privacy terms differ from those the chain was written under.
         PrivacyBudgetExceeded
             If the chain already spends more than the budget.
-        client.store.StoreError
+        device.store.StoreError
             If the store key does not open the store, or the store was modified.
         OSError
             If the store's key file is missing (for an existing store) or readable by others.

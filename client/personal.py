@@ -5,7 +5,7 @@ server sends. A device also keeps its own version of the modules named in
 ``personal.layers`` (by default the fused classifier ``head``): initialised from the
 global version the first time, then fine-tuned at every evaluation on the device's
 training split with the shared layers frozen, and kept in the device's encrypted store
-(:mod:`client.store`) between rounds. The device's personalised model is the global
+(:mod:`device.store`) between rounds. The device's personalised model is the global
 model with those modules replaced by its own.
 
 The fine-tuning objective is Ditto's (Li, Hu, Beirami & Smith, 2021, "Ditto: Fair and
@@ -34,8 +34,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from client.dp import STORE_DIR, STORE_KEY_FILE, DeviceStore
-from client.store import HEADER_FILE, EncryptedStore
 from client.train import evaluate_local
+from device.store import HEADER_FILE, EncryptedStore
 from emofed.config import PersonalConfig
 from models import emotion_loss, get_state, set_state, shared_state_keys
 
@@ -91,7 +91,7 @@ def open_device_store(context: Context) -> EncryptedStore:
 
     Raises
     ------
-    client.store.WrongStoreKey, client.store.StoreTampered
+    device.store.WrongStoreKey, device.store.StoreTampered
         If the key file does not open the store, or its header was modified.
     FileNotFoundError
         If the store exists but its key file does not (it is never replaced).
@@ -106,7 +106,7 @@ def existing_device_store(context: Context) -> EncryptedStore | None:
 
     Raises
     ------
-    client.store.StoreError, OSError
+    device.store.StoreError, OSError
         If the store exists but cannot be opened.
     """
     device = DeviceStore.from_context(context)
@@ -122,7 +122,7 @@ def load_personal(store: EncryptedStore, keys: Collection[str]) -> dict[str, np.
     ------
     ValueError
         If the stored layers are not exactly ``keys`` (the configuration changed).
-    client.store.StoreTampered
+    device.store.StoreTampered
         If the stored object fails authentication.
     """
     if PERSONAL_OBJECT not in store:
@@ -336,7 +336,7 @@ def personalise(
 
     Raises
     ------
-    client.store.StoreTampered
+    device.store.StoreTampered
         If the stored layers fail authentication.
     """
     keys = personal_keys(model, cfg.layers)

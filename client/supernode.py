@@ -7,7 +7,7 @@ Layout of a device folder (``emofed device enroll NAME --device-dir DIR``)::
                             plaintext, because Flower's SuperNode reads it itself
       keys/device.pub       what the coordinator enrols
       keys/store.key        the 32-byte key of the device's encrypted store (0600)
-      store/                the encrypted store (``client.store``, AES-256-GCM): the key
+      store/                the encrypted store (``device.store``, AES-256-GCM): the key
                             that signs the device's privacy ledger (``ledger-key``), its
                             signed ledger, one chain per run (``ledger.<run-id>.<id>``),
                             its personal layers and its policy state (first run)
@@ -109,7 +109,7 @@ def check_data_folder(folder: Path) -> DataCheck:
     DeviceSetupError
         If the folder is missing or malformed, or has no usable training or test sample.
     """
-    from client.data import FederationFolderError, read_device_folder
+    from corpora.folder import FederationFolderError, read_device_folder
 
     if not folder.is_dir():
         raise DeviceSetupError(f"data folder not found: {folder}")

@@ -63,7 +63,7 @@ def eval_metric_keys(personal: bool) -> frozenset[str]:
 # held-out evaluation is a training device that reported no skips.
 EVAL_OPTIONAL_METRICS = frozenset({"heldout", *SKIPPED_METRICS})
 
-# The policy's federated prior (``server.policy``, ``client.policy_fed``): array keys of the
+# The policy's federated prior (``server.policy``, ``policy.federated``): array keys of the
 # released statistics (train.policy) and of the prior sent back (evaluate.policy), the
 # compared policies, and the metrics of an evaluate.policy reply.
 POLICY_STATISTICS_KEY = "policy-statistics"
@@ -93,3 +93,7 @@ def simulated_device_root(run_dir: Path) -> Path:
     (``server.rundir``), so the device stores end up in ``<run_dir>/simulated-devices``.
     """
     return run_dir.with_name(run_dir.name + ".incomplete") / "simulated-devices"
+
+# Lines the ServerApp and the command line print for the user start with this prefix
+# (`emofed simulate` keeps only these from Flower's log stream).
+PROGRESS_PREFIX = "emofed |"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# isort: off
+import emofed.preload  # noqa: F401  (first: see emofed/preload.py)
+# isort: on
 import json
 import logging
 import shlex
@@ -18,13 +21,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from emofed.config import MESSAGE_CONFIG_KEY, EmofedConfig, load_config, to_json, to_yaml
+from emofed.protocol import PROGRESS_PREFIX
 from models import build_model, get_state, shared_state_keys
+from policy.federated import check_catalogue
 from privacy.ledger_store import LedgerStore
 from server.dp import PrivacyBudgetStop, UserLevelDP
 from server.grids import ENROLLED_NODES_KEY, EnrolledGrid, parse_enrolled
-from client.policy_fed import check_catalogue
 from server.policy import policy_phase_blocker, run_policy_phase
-from server.report import PROGRESS_PREFIX, plot_curves
+from server.report import plot_curves
 from server.rundir import PLOT_FILE, RunDirectory
 from server.strategy import RoundLog, build_strategy
 

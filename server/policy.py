@@ -2,7 +2,7 @@
 
 1. ``train.policy`` to every device: each answers with the emotion-probability block of its
    bandit statistics, privatised on the device under device-level DP
-   (``client.policy_fed``), and its ledger. Replies are
+   (``policy.federated``), and its ledger. Replies are
    screened like model updates (shape, dtype, finite values, metric allowlist, ledger
    verified and stored in ``<run>/ledger``).
 2. The statistics are averaged (``aggregate_priors``: a noise-calibrated ridge keeps the
@@ -28,9 +28,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from client.policy_fed import FIRST_LAST_WINDOW, policy_config, policy_epsilon, policy_event, statistics_size
-from client.policy_release import SHARED_NORM_BOUND, aggregate_priors, event_sensitivity, shrinkage_prior
-from client.policy_state import SHARED_FEATURES, PolicyStatistics
 from emofed.config import MESSAGE_CONFIG_KEY, EmofedConfig, to_json
 from emofed.protocol import (
     POLICY_EVAL_METRICS,
@@ -42,6 +39,9 @@ from emofed.protocol import (
     POLICY_VARIANTS,
     SERVER_ROUND_KEY,
 )
+from policy.federated import FIRST_LAST_WINDOW, policy_config, policy_epsilon, policy_event, statistics_size
+from policy.release import SHARED_NORM_BOUND, aggregate_priors, event_sensitivity, shrinkage_prior
+from policy.state import SHARED_FEATURES, PolicyStatistics
 from privacy.guard import LEDGER_RECORD
 from privacy.ledger_store import LedgerStore
 from server.rundir import RunDirectory

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 # Prefix of the project's progress lines in Flower's log stream (the CLI shows these).
-PROGRESS_PREFIX = "emofed |"
 
 # Columns of the per-round table: (metrics key, header, format).
 TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (

@@ -1,4 +1,4 @@
-"""Synthetic federation, partitioners and federation-folder export for simulations."""
+"""Simulations: the synthetic federation, simulated people and the simulation runner."""
 
 from __future__ import annotations
 
@@ -6,13 +6,9 @@ import importlib
 from typing import Any
 
 # Imported on first use: the synthetic generator pulls in torch, and every `emofed`
-# command imports `simulations.importers` to build its parser.
+# command imports this package's runner to build its parser.
 _LAZY = {
     "write_federation": "simulations.export",
-    "PARTITIONERS": "simulations.partition",
-    "partition_by_name": "simulations.partition",
-    "partition_dirichlet": "simulations.partition",
-    "partition_natural": "simulations.partition",
     "SampleInfo": "simulations.synthetic",
     "SyntheticFederation": "simulations.synthetic",
     "UserIdentity": "simulations.synthetic",

@@ -15,83 +15,31 @@ label, as a device would store it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
-import shutil
-from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import cv2
 import soundfile
 
+from corpora.folder import (
+    FEDERATION_FORMAT,
+    SAMPLES_FILE,
+    check_output_folder,
+    device_name,
+    sample_name,
+    staged_folder,
+    user_name,
+    write_index,
+)
 from models.labels import EMOTIONS
 
 if TYPE_CHECKING:  # the generator pulls in torch; writing a folder does not need it
     from simulations.synthetic import SyntheticFederation
 
 logger = logging.getLogger(__name__)
-
-FEDERATION_FORMAT = "emofed-federation/1"
-FEDERATION_FILE = "federation.json"
-SAMPLES_FILE = "samples.jsonl"
-
-
-def device_name(device_id: int) -> str:
-    """Folder name of a device, e.g. ``device-007``."""
-    return f"device-{device_id:03d}"
-
-
-def user_name(user: int) -> str:
-    """Written name of a synthetic user, e.g. ``user-007``."""
-    return f"user-{user:03d}"
-
-
-def sample_name(index: int) -> str:
-    """Written id of a sample, e.g. ``s00012``; unique across the federation."""
-    return f"s{index:05d}"
-
-
-def check_output_folder(out: Path) -> None:
-    """Refuse an output folder that exists and is not empty.
-
-    Raises
-    ------
-    FileExistsError
-        If ``out`` exists and is not an empty directory.
-    """
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; refusing to overwrite it.")
-
-
-@contextlib.contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out`` to build a folder in; rename it into place on success.
-
-    A reader never sees a half-written folder: on any exception the temporary folder is
-    removed and ``out`` is left as it was (absent or empty, see :func:`check_output_folder`).
-    """
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():  # a leftover of an earlier crash of this same process id
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():  # empty, checked by the caller
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_index(folder: Path, index: Mapping[str, Any]) -> None:
-    """Write ``federation.json`` of a federation folder."""
-    (folder / FEDERATION_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
 
 def write_federation(fed: SyntheticFederation, out_dir: Path) -> Path:
     """Render every device of ``fed`` and write the federation folder ``out_dir``.

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import cv2
 import numpy as np
 
-if TYPE_CHECKING:
-    # identity.py imports the cue names from here, so the type serves annotations only.
-    from simulations.identity import UserIdentity
+from simulations.identity import FACE_CUE_NAMES, UserIdentity
 
 FACE_SIZE = 96  # rendered face images are (96, 96, 3) uint8 BGR
 
-_FACE_CUE_NAMES = ("curve", "open", "brow_slope", "brow_raise", "eye_open", "wrinkle", "width")
 # Rows follow EMOTIONS; brow_slope > 0 lowers the inner ends (anger), < 0 raises them.
 _FACE_CUES = np.array(
     [
@@ -68,7 +63,7 @@ def face_cues(
 ) -> np.ndarray:
     """Expression parameters of one face, shape ``(7,)`` in the order of the cue names."""
     strength = intensity * ident.expressiveness
-    noise = rng.normal(0, _FACE_CUE_NOISE, len(_FACE_CUE_NAMES))
+    noise = rng.normal(0, _FACE_CUE_NOISE, len(FACE_CUE_NAMES))
     return np.asarray(ident.resting_face) + strength * _FACE_CUES[label] + noise
 
 

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simulations.faces import _FACE_CUE_NAMES
+# The face cues a person's resting face and an emotion move (simulations.faces draws them).
+FACE_CUE_NAMES = ("curve", "open", "brow_slope", "brow_raise", "eye_open", "wrinkle", "width")
+
 
 # Independent random streams, so that e.g. drawing a face never shifts the voice's noise.
 _META, _USER, _SAMPLE, _FACE, _VOICE, _TEXT = range(6)
@@ -103,7 +105,7 @@ def make_identity(seed: int, user: int) -> UserIdentity:
         hair=tuple(float(v) for v in hair),
         hair_style=int(r.choice(3, p=[0.5, 0.35, 0.15])),
         background=tuple(float(v) for v in r.uniform(30, 230, 3)),
-        resting_face=tuple(float(v) for v in r.normal(0, 0.15, len(_FACE_CUE_NAMES))),
+        resting_face=tuple(float(v) for v in r.normal(0, 0.15, len(FACE_CUE_NAMES))),
         f0=float(f0),
         tract=float(tract),
         tilt=float(r.uniform(0.88, 0.95)),

@@ -96,12 +96,12 @@ def heldout_device_count(cfg: EmofedConfig) -> int:
 
     Raises
     ------
-    client.data.FederationFolderError
+    corpora.folder.FederationFolderError
         If ``data.source=folder`` and the folder is missing or malformed.
     """
     if cfg.data.source != "folder":
         return 0
-    from client.data import heldout_devices, read_federation
+    from corpora.folder import heldout_devices, read_federation
 
     return len(heldout_devices(read_federation(cfg.data.path or "")))
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from corpora.partition import PARTITIONERS, partition_dirichlet
 from emofed.config import DataConfig
 from models.labels import EMOTIONS
 from models.preprocess import RawSample
@@ -48,7 +49,6 @@ from simulations.identity import (
     _rng,
     make_identity,
 )
-from simulations.partition import PARTITIONERS, partition_dirichlet
 from simulations.texts import MAX_TEXT_WORDS, render_text
 from simulations.voices import render_voice, voice_cues
 
@@ -103,7 +103,7 @@ class SyntheticFederation:
     With ``config.partition == "natural"`` device ``k`` is user ``k``, whose label mix is
     drawn from ``Dir(config.dirichlet_alpha)`` over the seven emotions. With ``"dirichlet"``,
     ``num_devices`` users each contribute ``samples_per_device`` uniformly labelled samples to
-    a pool that :func:`~simulations.partition.partition_dirichlet` splits with label skew, so
+    a pool that :func:`~corpora.partition.partition_dirichlet` splits with label skew, so
     identities mix within devices and device sizes vary (at least 4 samples each).
 
     A share ``p_no_camera`` of devices has no face data and ``p_no_microphone`` no voice data;

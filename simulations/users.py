@@ -19,17 +19,18 @@ oracle that knows the true emotion and the hidden utilities. Everything is seede
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from emofed.config import EmofedConfig
 from models.labels import EMOTIONS, NUM_CLASSES
-
-if TYPE_CHECKING:
-    from client.policy import Policy
+from policy.federated import FIRST_LAST_WINDOW, message_bank, policy_config, variants
+from policy.rules import Policy
+from policy.state import PolicyStatistics
 
 __all__ = [
     "OBSERVATIONS_PER_DECISION",
@@ -40,9 +41,12 @@ __all__ = [
     "Outcome",
     "SimulatedUser",
     "UserProfile",
+    "evaluate_policies",
+    "history_statistics",
     "make_population",
     "run_policy",
     "simulate_episode",
+    "simulated_person",
 ]
 
 RESPONSES: tuple[str, ...] = ("helped", "accepted", "none", "dismissed")
@@ -275,3 +279,54 @@ def run_policy(policy: Policy, profile: UserProfile, *, decisions: int, seed: in
         rules.append(decision.rule)
         policy.feedback(decision.id, user.respond(decision.action, emotion, quiet_action=quiet))
     return Outcome(rewards=gained, regret=regret, actions=tuple(actions), rules=tuple(rules))
+
+
+# The simulated devices' part in the policy phase (client.app, simulation only).
+
+def person_index(device_id: str) -> int:
+    """The simulated person of a device: its partition number, or a hash of its name."""
+    return int(device_id) if device_id.isdigit() else zlib.crc32(device_id.encode())
+
+
+def simulated_person(cfg: EmofedConfig, device_id: str) -> UserProfile:
+    """The hidden preferences of the person a simulated device belongs to (seeded by the run)."""
+    config = policy_config(cfg)
+    return make_population(
+        1, config.action_names, seed=cfg.seed, quiet_action=config.safety.quiet_action,
+        first_id=person_index(device_id),
+    )[0]
+
+
+def history_statistics(cfg: EmofedConfig, person: UserProfile) -> PolicyStatistics:
+    """The statistics a simulated device has gathered: ``policy.history`` decisions of local LinUCB."""
+    config = policy_config(cfg)
+    local = replace(config, bandit=replace(config.bandit, kind="linucb", learn=True))
+    policy = Policy(local, bank=message_bank(cfg.policy.config_dir))
+    run_policy(policy, person, decisions=cfg.policy.history, seed=cfg.seed)
+    return policy.local_statistics()
+
+
+def evaluate_policies(cfg: EmofedConfig, prior: PolicyStatistics, person: UserProfile) -> dict[str, float]:
+    """Play the four policies against ``person`` on the same fresh days; their metrics.
+
+    Keys ``policy-<variant>-<reward|regret|regret-first|regret-last|interventions>``:
+    cumulative expected reward and regret over ``policy.decisions`` decisions, the regret
+    of the first and last :data:`FIRST_LAST_WINDOW` of them, and the interventions made.
+    Regret is against an oracle that knows the true emotion and the person's hidden
+    preferences and picks among the actions the safety rules allow at that moment.
+    """
+    quiet = policy_config(cfg).safety.quiet_action
+    bank = message_bank(cfg.policy.config_dir)
+    window = min(FIRST_LAST_WINDOW, cfg.policy.decisions)
+    metrics: dict[str, float] = {}
+    for name, (config, variant_prior) in variants(policy_config(cfg), prior).items():
+        outcome = run_policy(
+            Policy(config, prior=variant_prior, bank=bank), person, decisions=cfg.policy.decisions,
+            seed=cfg.seed + 1,  # days the history never saw
+        )
+        metrics[f"policy-{name}-reward"] = float(outcome.rewards.sum())
+        metrics[f"policy-{name}-regret"] = float(outcome.regret.sum())
+        metrics[f"policy-{name}-regret-first"] = float(outcome.regret[:window].sum())
+        metrics[f"policy-{name}-regret-last"] = float(outcome.regret[-window:].sum())
+        metrics[f"policy-{name}-interventions"] = float(sum(a != quiet for a in outcome.actions))
+    return metrics

@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from client.data import (
-    FederationFolderError,
-    UnusableDeviceData,
-    load_device_data,
-    preprocess_device,
-    read_device_folder,
-    read_federation,
-)
+from client.data import UnusableDeviceData, load_device_data, preprocess_device
+from corpora.folder import FederationFolderError, read_device_folder, read_federation
 from emofed.config import load_config
 from models import EMOTIONS
 

@@ -13,13 +13,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
-from client.data import FederationFolderError, load_device_data, read_federation
+from client.data import load_device_data
+from corpora import import_corpus
+from corpora.folder import FederationFolderError, read_federation
 from emofed.config import load_config, to_json
 from emofed.protocol import DEVICE_ROOT_KEY, ERROR_HELDOUT, EVAL_METRICS
 from models import build_model, get_state, shared_state_keys
-from simulations.importers import import_corpus
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "corpora"))
 from test_importers import _make_emodb  # noqa: E402  (the importer tests' fixture corpus)
 
 

@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import client.app
 import client.data
 from client.app import DeviceGuardMod, app
-from client.policy_fed import policy_event
 from client.dp import (
     KEY_OBJECT,
     DevicePrivacy,
@@ -51,6 +50,7 @@ from emofed.protocol import (
     train_metric_keys,
 )
 from models import build_model, get_state, set_state, shared_state_keys
+from policy.federated import policy_event
 from privacy.accounting import PrivacyEvent, calibrate_noise, calibrate_noise_beside, compute_epsilon
 from privacy.audit import audit
 from privacy.guard import LEDGER_RECORD, OutgoingGuard, OutgoingGuardMod, read_ledger_record

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, RecordDict
 
 from client.dp import KEY_OBJECT, DevicePrivacy, DeviceStore
-from client.store import StoreError, StoreTampered, WrongStoreKey
+from device.store import StoreError, StoreTampered, WrongStoreKey
 from emofed.config import PrivacyConfig, load_config
 from emofed.protocol import DEVICE_DIR_KEY, DEVICE_ID_KEY, DEVICE_ROOT_KEY
 from privacy.accounting import PrivacyEvent, compute_epsilon

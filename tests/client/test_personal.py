@@ -27,8 +27,8 @@ from client.personal import (
     personal_keys,
     swapped,
 )
-from client.store import generate_key_file
 from client.train import evaluate_local, train_local
+from device.store import generate_key_file
 from emofed.config import ConfigError, EmofedConfig, load_config, to_json
 from emofed.protocol import DEVICE_ROOT_KEY, PERSONAL_ACCURACY_KEY, eval_metric_keys
 from models import build_model, get_state, set_state, shared_state_keys

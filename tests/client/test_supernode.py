@@ -206,7 +206,7 @@ def test_key_refused_only_for_an_activation_refusal() -> None:
 
 
 def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from emofed.cli import main
+    from cli.main import main
 
     code = main(args)
     out = capsys.readouterr()

@@ -21,7 +21,7 @@ from emofed.flower import flower_bin, flower_env, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
-EMOFED = [sys.executable, "-m", "emofed.cli"]
+EMOFED = [sys.executable, "-m", "cli"]
 pytestmark = pytest.mark.integration
 
 
@@ -65,7 +65,7 @@ class _Procs:
 
 
 def _cli(*args: str) -> None:
-    from emofed.cli import main
+    from cli.main import main
 
     assert main(list(args)) == 0, args
 
@@ -90,11 +90,10 @@ def _group_alive(pid: int) -> bool:
 
 def test_tls_authenticated_deployment_with_dp_and_secagg(tmp_path: Path) -> None:
     """3 enrolled devices train 2 rounds under DP + SecAgg+; an unenrolled and a CA-less node are refused."""
-    from client.data import read_federation
+    from corpora.folder import read_federation
+    from emofed.config import load_config
     from simulations.export import write_federation
     from simulations.synthetic import SyntheticFederation
-
-    from emofed.config import load_config
 
     cfg = load_config(SMOKE, [])
     fed_dir = write_federation(SyntheticFederation(cfg.data, num_devices=3, seed=cfg.seed), tmp_path / "fed")

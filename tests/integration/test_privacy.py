@@ -16,7 +16,7 @@ from privacy.accounting import PrivacyEvent, compute_epsilon
 from privacy.audit import audit
 
 ROOT = Path(__file__).resolve().parents[2]
-EMOFED = [sys.executable, "-m", "emofed.cli"]
+EMOFED = [sys.executable, "-m", "cli"]
 pytestmark = pytest.mark.integration
 DELTA = 1e-5
 

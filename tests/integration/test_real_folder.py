@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from emofed.cli import main
+from cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "simulations"))
+sys.path.insert(0, str(ROOT / "tests" / "corpora"))
 from test_importers import _make_emodb  # noqa: E402  (the importer tests' fixture corpus)
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ def test_simulate_on_an_imported_corpus_scores_heldout_people(tmp_path: Path, ca
     heldout_total = sum(meta["report"]["heldout"].values())
 
     proc = subprocess.run(
-        [sys.executable, "-m", "emofed.cli", "simulate", "--config", "configs/smoke.yaml",
+        [sys.executable, "-m", "cli", "simulate", "--config", "configs/smoke.yaml",
          "data.source=folder", f"data.path={fed}", "privacy.preset=off",
          f"output.dir={tmp_path / 'runs'}", "output.name=run"],
         cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,

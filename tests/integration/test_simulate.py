@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
-EMOFED = [sys.executable, "-m", "emofed.cli"]
+EMOFED = [sys.executable, "-m", "cli"]
 pytestmark = pytest.mark.integration
 
 
@@ -84,7 +84,7 @@ def _check_personalisation(run: Path, rows: list[dict], summary: dict, stdout: s
     import numpy as np
 
     from client.personal import PERSONAL_OBJECT, STORE_DIR, STORE_KEY_FILE
-    from client.store import EncryptedStore
+    from device.store import EncryptedStore
 
     for row in rows:
         gains = row["personal_gains"]

@@ -201,7 +201,7 @@ def test_write_private_is_exclusive_and_owner_only(tmp_path: Path) -> None:
 
 def test_cli_certs_never_prints_private_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`emofed certs` names the key files but prints none of their contents."""
-    from emofed.cli import main
+    from cli.main import main
 
     code = main(["certs", "--out", str(tmp_path / "certs"), "--host", "10.1.2.3", "--host", "coord.lan"])
     out = capsys.readouterr()
@@ -218,7 +218,7 @@ def test_cli_certs_never_prints_private_keys(tmp_path: Path, capsys: pytest.Capt
 
 def test_cli_certs_bad_host_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A bad --host is a one-line error with exit code 2."""
-    from emofed.cli import main
+    from cli.main import main
 
     code = main(["certs", "--out", str(tmp_path / "c"), "--host", "no spaces"])
     err = capsys.readouterr().err.strip()

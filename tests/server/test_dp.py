@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyServerSideAdaptiveClipping
@@ -19,7 +20,6 @@ from emofed.config import EmofedConfig, PrivacyConfig, UserDPConfig, load_config
 from emofed.protocol import CLIPPING_NORM_KEY, EVAL_METRICS
 from privacy.accounting import PrivacyEvent, calibrate_noise, compute_epsilon
 from privacy.audit import audit
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from privacy.keys import fingerprint, generate_private_key
 from privacy.ledger_store import LedgerStore
 from server.dp import PrivacyBudgetStop, UserLevelDP, server_key_path

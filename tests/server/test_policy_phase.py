@@ -12,9 +12,9 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
-from client.policy_fed import policy_epsilon
 from emofed.config import load_config
 from emofed.protocol import DEVICE_ROOT_KEY, POLICY_STATISTICS_KEY, POLICY_VARIANTS
+from policy.federated import policy_epsilon
 from privacy.audit import audit
 from privacy.ledger_store import LedgerStore
 from server.policy import PRIOR_FILE, format_policy_table, policy_phase_blocker, run_policy_phase

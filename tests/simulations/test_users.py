@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.expression import HashingEncoder
-from client.policy import Policy, load_policy_config
 from models.labels import EMOTIONS
+from policy.expression import HashingEncoder
+from policy.rules import Policy, load_policy_config
 from simulations.users import (
     POPULATION_UTILITY,
     RESPONSES,

@@ -1,0 +1,1 @@
+"""The `emofed` command line: one module per journey, sharing `cli.common`."""
