@@ -288,7 +288,7 @@ def _pair_device(
         if not record.get(anchor):
             continue
         label, split = str(record.get("label")), "test" if heldout else str(record.get("split", "train"))
-        paired: dict[str, Any] = {m: None for m in MODALITY_KEYS}
+        paired: dict[str, Any] = dict.fromkeys(MODALITY_KEYS)
         origin: dict[str, Any] = {}
         paired[anchor] = record[anchor] if anchor == "text" else _place(anchor_device, record[anchor], dst, anchor)
         origin[anchor] = {"device": anchor_device.name, "id": record.get("id"), "user": record.get("user")}

@@ -27,7 +27,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _signed(body: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
@@ -386,7 +386,7 @@ class Ledger:
         elif timestamp.tzinfo is None:
             raise ValueError(f"Timestamp must be timezone-aware. Found {timestamp}.")
         else:
-            stamp = timestamp.astimezone(timezone.utc).isoformat(timespec="microseconds")
+            stamp = timestamp.astimezone(UTC).isoformat(timespec="microseconds")
         with self.io.lock():
             text = self._read_text()
             lines, entries, _ = self._check_text(text, private_key.public_key())

@@ -202,7 +202,8 @@ class RoundReporter:
 def heldout_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The ``heldout`` section of ``summary.json``: the last round's global-model scores on
     the held-out devices (identity-disjoint test population) and the local-test scores
-    beside them; None when the run had no held-out device."""
+    beside them; None when the run had no held-out device.
+    """
     scored = [r for r in rows if r.get("heldout_accuracy") is not None]
     if not scored:
         return None
@@ -222,7 +223,8 @@ def heldout_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 def personalisation_summary(cfg: EmofedConfig, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The ``personalisation`` section of ``summary.json``: the last evaluated round's
     distribution of the personalised model's gain over the global model, per device;
-    None when personal layers are off."""
+    None when personal layers are off.
+    """
     if not cfg.personal.enabled:
         return None
     scored = [r for r in rows if r.get("personal_gain_mean") is not None]
@@ -253,7 +255,8 @@ def privacy_summary(
     policy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``privacy`` section of ``summary.json``: settings and the ε spent per level
-    (a device's ε includes its policy release, ``policy``'s section, when it made one)."""
+    (a device's ε includes its policy release, ``policy``'s section, when it made one).
+    """
     p = cfg.privacy
     device_epsilons = [r["epsilon_device_max"] for r in rows if r.get("epsilon_device_max") is not None]
     released = ((policy or {}).get("privacy") or {}).get("device_epsilon_max")

@@ -185,7 +185,7 @@ def test_crema_d_import(tmp_path):
     report = import_corpus("crema-d", _make_crema(tmp_path / "crema"), out, seed=2)
     meta, records = _load(out)
     assert report.samples == 30
-    assert report.labels == {e: 5 for e in ("neutral", "happy", "sad", "angry", "fearful", "disgusted")}
+    assert report.labels == dict.fromkeys(("neutral", "happy", "sad", "angry", "fearful", "disgusted"), 5)
     assert report.merged == {}
     assert report.skipped == {"unknown label": 1, "voice: undecodable audio": 1}
     assert report.notes["second copy of a CREMA-D take ignored"] == 1

@@ -34,7 +34,7 @@ DAIR_LABELS = ("sadness", "joy", "love", "anger", "fear", "surprise")
 
 
 def test_dair_emotion_import(tmp_path):
-    """love and joy merge into happy; bad lines are skipped by reason; val is held out."""
+    """Love and joy merge into happy; bad lines are skipped by reason; val is held out."""
     root = tmp_path / "dair"
     root.mkdir()
     lines = [f"i feel {label} number {i};{label}".encode() for label in DAIR_LABELS for i in range(5)]

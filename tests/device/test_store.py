@@ -347,7 +347,7 @@ def test_missing_store_raises_store_not_found(tmp_path: Path) -> None:
 
 
 def test_create_refuses_existing_store_and_bad_arguments(tmp_path: Path) -> None:
-    """create never overwrites a store; one key source and a sane scrypt cost are required."""
+    """Create never overwrites a store; one key source and a sane scrypt cost are required."""
     with _make_store(tmp_path) as store:
         store.put_bytes("raw", b"kept")
     with pytest.raises(FileExistsError):
@@ -473,7 +473,7 @@ def test_concurrent_creates_and_opens_agree_on_one_store(tmp_path: Path) -> None
 
 
 def test_rekey_to_key_file(tmp_path: Path) -> None:
-    """rekey re-encrypts every object; the old passphrase stops working, values stay."""
+    """Rekey re-encrypts every object; the old passphrase stops working, values stay."""
     store = _make_store(tmp_path)
     store.put_json("policy", {"arm": 3})
     store.put_arrays("layers", {"w": np.ones(3, dtype=np.float32)})

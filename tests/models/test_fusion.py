@@ -289,7 +289,7 @@ def test_build_model_rejects_bad_config(config: ModelConfig, message: str) -> No
 
 
 def test_embed_then_classify_equals_forward() -> None:
-    """forward is exactly classify(embed(...)), which evaluation uses per modality mask."""
+    """Forward is exactly classify(embed(...)), which evaluation uses per modality mask."""
     model = _make_model().eval()
     face, voice, ids, attn, mask = _make_batch()[:5]
     fused, per_modality = model(face, voice, ids, attn, mask)

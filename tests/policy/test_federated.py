@@ -215,7 +215,8 @@ def test_evaluate_policy_stores_the_prior_and_scores_four_policies(tmp_path: Pat
 
 def test_federated_prior_with_personalisation_beats_local_learning() -> None:
     """Under device-level DP, on 16 simulated people: the leave-one-out prior plus local learning
-    has less regret than learning alone, and the ordering random > prior only holds too."""
+    has less regret than learning alone, and the ordering random > prior only holds too.
+    """
     cfg = load_config(None, ["devices=16", "policy.history=600", "policy.decisions=200"])
     config = policy_config(cfg)
     event = policy_event(cfg)
@@ -243,7 +244,8 @@ def test_federated_prior_with_personalisation_beats_local_learning() -> None:
 
 def test_a_deployed_device_shares_the_feedback_its_runtime_recorded(tmp_path: Path) -> None:
     """With a device folder (deployment), the statistics come from `emofed device run`'s policy
-    state in the encrypted store; a device without feedback declines with a reason."""
+    state in the encrypted store; a device without feedback declines with a reason.
+    """
     from client.app import ERROR_UNUSABLE_DATA
     from device.runtime import POLICY_OBJECT
     from policy.expression import HashingEncoder

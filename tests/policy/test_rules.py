@@ -151,7 +151,7 @@ def test_distress_surfaces_support_against_a_bandit_trained_the_other_way():
     policy = _make_policy()
     distress = _probs(sad=0.5, fearful=0.3, angry=0.1)
     x = _context(policy, distress, 0.0)
-    _train(policy, x, {a: -1.0 for a in ACTIONS[1:]})
+    _train(policy, x, dict.fromkeys(ACTIONS[1:], -1.0))
     assert policy.actions[int(np.argmax(policy.bandit.scores(x, step=0)))] == "no_action"
     t, first = 0.0, None
     for _ in range(12):  # 1 h of observations every 5 min
@@ -169,7 +169,7 @@ def test_distress_needs_the_configured_duration():
     """Below the duration the distress rule does not fire and the trained bandit's choice stands."""
     policy = _make_policy()
     distress = _probs(sad=0.5, fearful=0.3, angry=0.1)
-    _train(policy, _context(policy, distress, 0.0), {a: -1.0 for a in ACTIONS[1:]})
+    _train(policy, _context(policy, distress, 0.0), dict.fromkeys(ACTIONS[1:], -1.0))
     for t in np.arange(0.0, 1500.0, 300.0):
         decision = policy.decide(float(t), distress)
         assert decision.action == "no_action"
@@ -212,7 +212,7 @@ def test_rate_limit_min_gap_and_cooldowns_hold():
     for t in np.arange(0.0, 24 * HOUR, 120.0):
         p = rng.dirichlet(np.ones(len(EMOTIONS)))
         x = _context(policy, p, float(t))
-        _train(policy, x, {a: 1.0 for a in ACTIONS[1:]}, times=1)
+        _train(policy, x, dict.fromkeys(ACTIONS[1:], 1.0), times=1)
         decision = policy.decide(float(t), p)
         rules.add(decision.rule)
         if decision.action != "no_action":

@@ -8,7 +8,7 @@ import hashlib
 import json
 import textwrap
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ DELTA = 1e-5
 SCOPE = "device:7"
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
-STAMP = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+STAMP = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def _make_store(tmp_path: Path, rounds: int = 4) -> LedgerStore:

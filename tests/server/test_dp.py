@@ -63,7 +63,7 @@ def _make_model(value: float = 0.0) -> dict[str, np.ndarray]:
 
 
 def _make_update(current: dict[str, np.ndarray], norm: float, seed: int) -> dict[str, np.ndarray]:
-    """current + a random direction of the given L2 norm (float32, as a device sends)."""
+    """Current + a random direction of the given L2 norm (float32, as a device sends)."""
     rng = np.random.default_rng(seed)
     delta = {k: rng.normal(size=v.shape) for k, v in current.items()}
     scale = norm / math.sqrt(sum(float((d**2).sum()) for d in delta.values()))

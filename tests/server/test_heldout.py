@@ -55,7 +55,7 @@ def _make_eval_content(confusion: np.ndarray, *, heldout: int | None = None, **s
     }
     if heldout is not None:
         metrics["heldout"] = heldout
-        metrics.update({key: 0 for key in SKIPPED_METRICS})
+        metrics.update(dict.fromkeys(SKIPPED_METRICS, 0))
     metrics.update({f"skipped-{k}": v for k, v in skipped.items()})
     return RecordDict({"metrics": MetricRecord(metrics)})
 
