@@ -1,11 +1,12 @@
 # emofed: `make simulate` sets everything up and runs the default simulation;
-# `make test` sets everything up and runs the test suite.
+# `make test` sets everything up and runs the test suite;
+# `make lint` runs the linter and the type checker (as CI does, before the tests).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.emofed-installed
 
-.PHONY: setup simulate test test-all lock clean
+.PHONY: setup simulate test test-all lint lock clean
 
 setup: $(STAMP)
 
@@ -26,6 +27,11 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+# ruff and mypy read their settings (rule sets; files, strict on privacy/) from pyproject.toml.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Re-resolve pinned versions after changing dependencies in pyproject.toml.
 lock:

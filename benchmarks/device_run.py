@@ -51,7 +51,9 @@ def _untrained_run(config: Path, out: Path) -> Path:
 def _emofed() -> list[str]:
     """The `emofed` console script next to this interpreter (else the module)."""
     script = Path(sys.executable).with_name("emofed")
-    return [str(script)] if script.is_file() else [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
 
 
 def _pin(core: int) -> None:

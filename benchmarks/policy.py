@@ -15,8 +15,9 @@ LinUCB for ``--decisions`` decisions and sharing only the emotion block of its s
 adjacency, Gaussian noise on; by default split across all prior devices, as under secure
 aggregation, ``--shares 1`` for local DP), averaged by ``aggregate_priors`` and shrunk to
 an estimate worth ``--prior-strength`` observations (``shrinkage_prior``), as
-``emofed simulate`` does with record-level noise for its own federation. The noise multiplier is calibrated to ``--epsilon`` at ``--delta``
-for the one release (dp-accounting PLD) unless ``--noise-multiplier`` is given. Regret is
+``emofed simulate`` does with record-level noise for its own federation. The noise
+multiplier is calibrated to ``--epsilon`` at ``--delta`` for the one release
+(dp-accounting PLD) unless ``--noise-multiplier`` is given. Regret is
 against an oracle that knows the person's true emotion and hidden preferences and picks the
 best action in expectation among those the safety rules allow at that moment.
 

@@ -1,4 +1,4 @@
-"""Real-data benchmark: centralised vs federated vs federated with DP, on held-out people.
+r"""Real-data benchmark: centralised vs federated vs federated with DP, on held-out people.
 
 For a federation folder written by ``emofed data import`` this runs, with the same model
 and training settings:
@@ -21,7 +21,7 @@ no media are duplicated): ``--max-train`` / ``--max-test`` samples per training 
 ``--max-heldout`` samples over all held-out devices, each stratified by label::
 
     emofed data import fer2013 ../shared/data/fer2013 --out /tmp/fer
-    .venv/bin/python benchmarks/real_data.py /tmp/fer --rounds 5 --max-train 300 \\
+    .venv/bin/python benchmarks/real_data.py /tmp/fer --rounds 5 --max-train 300 \
         --max-heldout 1000 --json /tmp/fer-bench.json
 """
 

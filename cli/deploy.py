@@ -258,7 +258,9 @@ def add_deploy_parsers(
     start.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's address")
     start.add_argument("--ca", help="the coordinator's CA certificate (ca.crt)")
     start.add_argument("--name", help="the device's name in ledgers (default: the device folder's name)")
-    start.add_argument("--max-wait", type=float, default=600.0, help="seconds to keep trying to reach the coordinator (default 600)")
+    start.add_argument(
+        "--max-wait", type=float, default=600.0, help="seconds to keep trying to reach the coordinator (default 600)"
+    )
     start.add_argument(
         "--refused-retry", type=float, default=30.0, metavar="SECONDS",
         help="keep retrying this long when the coordinator refuses the device's key (default 30)",

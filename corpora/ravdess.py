@@ -55,11 +55,11 @@ class RAVDESSImporter(CorpusImporter):
             if match is None:
                 ctx.skip("file name not in the RAVDESS pattern")
                 continue
-            modality, *take = match.groups()
+            modality, *fields = match.groups()
             if modality not in ("01", "02", "03"):
                 ctx.skip("unknown RAVDESS modality code")
                 continue
-            slots = takes.setdefault(tuple(take), {})
+            slots = takes.setdefault(tuple(fields), {})
             if modality in slots:
                 ctx.note("duplicate RAVDESS file ignored")
                 continue

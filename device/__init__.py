@@ -1,1 +1,1 @@
-"""A person's device outside Flower rounds: the encrypted store, the device folder, the runtime loop, capture and the audio stream."""
+"""A person's device outside Flower rounds: the encrypted store, the device folder, the runtime loop, capture, audio stream."""

@@ -1,1 +1,1 @@
-"""The emotion-management policy: decision rules and safety, bandit state, the DP release of its statistics, the federated prior, expression."""
+"""The emotion-management policy: decision rules, safety, bandit state, DP release of statistics, federated prior, expression."""

@@ -36,7 +36,10 @@ SERVER_KEY = "server.key"
 DEVICE_KEY = "device.key"
 DEVICE_PUB = "device.pub"
 ALWAYS_HOSTS = ("localhost", "127.0.0.1")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+# A DNS name of at most 253 characters, optionally a leading "*." wildcard, labels of 1-63
+# letters, digits and inner hyphens (RFC 1123 section 2.1).
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$)(\*\.)?({_LABEL}\.)*{_LABEL}$")
 
 
 @dataclass(frozen=True)

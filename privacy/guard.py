@@ -25,6 +25,7 @@ import logging
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 from flwr.app import (
@@ -61,6 +62,11 @@ def _name(value: object) -> str:
     """Quote a blocked name, truncated: it may itself be data."""
     text = repr(value)
     return text if len(text) <= _NAME_LIMIT else text[: _NAME_LIMIT - 1] + "…'"
+
+
+def _is_str_list(value: object) -> TypeGuard[list[str]]:
+    """Whether a record value is a list of strings (as ledger entries must be)."""
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 @dataclass(frozen=True)
@@ -236,7 +242,7 @@ class OutgoingGuard:
             for key in record.keys() - _LEDGER_KEYS
         ]
         entries = record.get("entries", [])
-        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        if not _is_str_list(entries):
             return [*found, Violation("ledger record", "ledger entries are not a list of strings")]
         for index, line in enumerate(entries):
             try:
@@ -314,7 +320,7 @@ def read_ledger_record(record: ConfigRecord) -> tuple[list[str], str, str | None
         If the record does not have the expected keys and types.
     """
     entries, seal, key = record.get("entries", []), record.get("seal"), record.get("public_key")
-    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+    if not _is_str_list(entries):
         raise ValueError("Ledger record 'entries' must be a list of strings.")
     if not isinstance(seal, str):
         raise ValueError(f"Ledger record 'seal' must be a string. Found {type(seal).__name__}.")

@@ -204,7 +204,7 @@ class Ledger:
             return [], [], None
         # Split on "\n" only: str.splitlines would also split on \r, \x1c, ...
         lines = [line + "\n" for line in text[:-1].split("\n")]
-        key_id = fingerprint(public_key) if public_key is not None else None
+        signer = (public_key, fingerprint(public_key)) if public_key is not None else None
         entries: list[dict[str, Any]] = []
         prev_hash, prev_round = GENESIS_HASH, 0
         for index, raw in enumerate(lines[:-1]):
@@ -226,7 +226,7 @@ class Ledger:
                 raise LedgerTampered(
                     f"{where}: round {entry['round']} goes back from {prev_round}."
                 )
-            self._check_signed(entry, where, public_key, key_id)
+            self._check_signed(entry, where, signer)
             entries.append(entry)
             prev_hash, prev_round = entry["hash"], entry["round"]
         where = f"{name}: seal"
@@ -249,17 +249,19 @@ class Ledger:
             )
         if seal["entry_hash"] != prev_hash:
             raise LedgerTampered(f"{where}: entry_hash does not match the last entry.")
-        self._check_signed(seal, where, public_key, key_id)
+        self._check_signed(seal, where, signer)
         return lines[:-1], entries, seal
 
     @staticmethod
     def _check_signed(
-        obj: Mapping[str, Any], where: str, public_key: Ed25519PublicKey | None, key_id: str | None
+        obj: Mapping[str, Any], where: str, signer: tuple[Ed25519PublicKey, str] | None
     ) -> None:
+        # signer: the chain's public key and its key id (fingerprint), computed once per chain.
         if content_hash(obj) != obj["hash"]:
             raise LedgerTampered(f"{where}: hash does not match the content (entry modified).")
-        if public_key is None:
+        if signer is None:
             return
+        public_key, key_id = signer
         if obj["key_id"] != key_id:
             raise LedgerTampered(
                 f"{where}: signed by key {obj['key_id'][:16]}…, "

@@ -1,4 +1,4 @@
-"""The ledger's entry format: fields, canonical form, hashing and schema checks.
+r"""The ledger's entry format: fields, canonical form, hashing and schema checks.
 
 One file is one *chain*: every release of one scope (``"server"`` or
 ``"device:<id>"``), signed by that scope's key. Each line is one JSON object.
@@ -29,7 +29,7 @@ Canonical form: the entry without ``hash`` and ``signature``, serialised as
 allow_nan=False)`` and encoded as UTF-8. Float fields are always JSON floats (``1.0``,
 never ``1``), written in Python's shortest round-trip repr. Every line in the file
 is itself the canonical form of the *whole* object (``hash`` and ``signature``
-included) followed by ``"\\n"``, and verification rejects any line that is not, so
+included) followed by ``"\n"``, and verification rejects any line that is not, so
 there is exactly one byte string per entry (no whitespace or duplicate-key games).
 
 Seal: the last line of a non-empty chain is a signed seal naming the last entry::
@@ -59,7 +59,7 @@ An auditor's check of one chain, without this package::
         *entries, seal = objs
         prev = "0" * 64
         for seq, obj in enumerate(objs):
-            assert canon(obj) + b"\\n" == lines[seq].encode()
+            assert canon(obj) + b"\n" == lines[seq].encode()
             body = {k: v for k, v in obj.items() if k not in ("hash", "signature")}
             digest = hashlib.sha256(canon(body)).hexdigest()
             assert obj["hash"] == digest and obj["key_id"] == key_id
@@ -175,7 +175,8 @@ def _check_common(obj: Mapping[str, Any], fields: frozenset[str]) -> None:
         stamp = datetime.fromisoformat(obj["timestamp"])
     except (TypeError, ValueError):
         raise ValueError("timestamp is not ISO 8601") from None
-    if stamp.utcoffset() is None or stamp.utcoffset().total_seconds() != 0:
+    offset = stamp.utcoffset()
+    if offset is None or offset.total_seconds() != 0:
         raise ValueError("timestamp is not in UTC")
 
 

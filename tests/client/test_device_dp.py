@@ -219,8 +219,9 @@ def test_a_release_made_elsewhere_during_training_is_composed_before_spending(
 
 @pytest.mark.parametrize("policy", [False, True])
 def test_calibrated_noise_spends_the_budget_by_the_last_planned_round(tmp_path: Path, policy: bool) -> None:
-    """With σ calibrated over cfg.rounds, the last planned round ends within [0.9, 1]·budget;
-    with the policy release planned too, DP-SGD leaves exactly the room that release needs.
+    """With σ calibrated over cfg.rounds, the last planned round ends within [0.9, 1]·budget.
+
+    With the policy release planned too, DP-SGD leaves exactly the room that release needs.
     """
     cfg = _make_config("rounds=3", "privacy.device.epsilon=2.0", f"policy.enabled={str(policy).lower()}")
     if policy:

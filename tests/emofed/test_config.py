@@ -169,5 +169,7 @@ def test_secagg_settings_are_checked(overrides: list[str], message: str) -> None
 def test_secagg_counts_and_shares_accepted() -> None:
     """Counts and shares both load, and secure aggregation is off by default."""
     assert not load_config(None, []).privacy.secagg.enabled
-    cfg = load_config(None, ["privacy.secagg.enabled=true", "privacy.secagg.num_shares=5", "privacy.secagg.reconstruction_threshold=3"])
+    cfg = load_config(
+        None, ["privacy.secagg.enabled=true", "privacy.secagg.num_shares=5", "privacy.secagg.reconstruction_threshold=3"]
+    )
     assert (cfg.privacy.secagg.num_shares, cfg.privacy.secagg.reconstruction_threshold) == (5, 3)

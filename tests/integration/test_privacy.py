@@ -33,8 +33,10 @@ def _rows(run: Path) -> list[dict]:
 
 
 def test_both_dp_levels_produce_a_ledger_that_passes_the_audit(tmp_path: Path) -> None:
-    """3 devices x 2 rounds with device-level and user-level DP: every release is in a
-    signed ledger whose ε the audit recomputes with four accountants, within budget.
+    """Device-level and user-level DP both leave a signed ledger that passes the audit.
+
+    3 devices x 2 rounds: every release is in the ledger, and the audit recomputes its ε
+    with four accountants, within budget.
     """
     proc = _emofed(
         "simulate", "--config", "configs/smoke.yaml", "privacy.user.enabled=true",
@@ -89,8 +91,10 @@ def test_both_dp_levels_produce_a_ledger_that_passes_the_audit(tmp_path: Path) -
 
 
 def test_a_budget_too_small_for_the_plan_stops_the_run_cleanly(tmp_path: Path) -> None:
-    """A fixed σ whose third release would overspend: two rounds run, the third never
-    starts, the run is finished (not failed) saying why, and the ledger still verifies.
+    """A fixed σ whose third release would overspend stops the run cleanly after two rounds.
+
+    The third round never starts, the run is finished (not failed) saying why, and the
+    ledger still verifies.
     """
     two = compute_epsilon(
         [PrivacyEvent(noise_multiplier=2.0, sample_rate=1.0, steps=2, sampling="no-amplification")],
@@ -119,8 +123,10 @@ def test_a_budget_too_small_for_the_plan_stops_the_run_cleanly(tmp_path: Path) -
 
 
 def test_devices_out_of_budget_decline_and_the_run_stops(tmp_path: Path) -> None:
-    """A fixed σ whose second round would overspend every device's budget: devices decline
-    round 2 (counted, with their reason), the run stops before round 3, ledgers verify.
+    """A fixed σ that would overspend every device's budget in round 2 stops the run.
+
+    Devices decline round 2 (counted, with their reason), the run stops before round 3,
+    and the ledgers verify.
     """
     # configs/smoke.yaml: 12 training samples per device, batch 16, 1 epoch: q = 1, 1 step.
     one = compute_epsilon([PrivacyEvent(noise_multiplier=2.0, sample_rate=1.0, steps=1)], delta=DELTA)

@@ -138,7 +138,10 @@ def test_bad_host_names_are_refused(tmp_path: Path, host: str) -> None:
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize(("host", "expected"), [("Coord.Example.ORG", "coord.example.org"), ("192.168.1.20", "192.168.1.20"), ("fe80::1", "fe80::1")])
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [("Coord.Example.ORG", "coord.example.org"), ("192.168.1.20", "192.168.1.20"), ("fe80::1", "fe80::1")],
+)
 def test_check_host_normalises(host: str, expected: str) -> None:
     """DNS names are lower-cased; IP addresses are kept as given."""
     assert check_host(host) == expected
