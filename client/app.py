@@ -56,17 +56,11 @@ from client.dp import (
     round_noise_multiplier,
     user_clipping_norm,
 )
-from client.personal import (
-    PERSONAL_OBJECT,
-    existing_device_store,
-    open_device_store,
-    personal_arrays_in,
-    personalise,
-)
+from client.personal import existing_device_store, personal_arrays_in, personalise
 from client.secagg import secure_aggregation_mod
 from client.train import evaluate_local, select_device, train_local
 from corpora.folder import FederationFolderError
-from device.runtime import POLICY_OBJECT
+from device.layout import PERSONAL_OBJECT, POLICY_PRIOR_OBJECT, POLICY_STATE_OBJECT
 from device.store import StoreError
 from emofed.config import MESSAGE_CONFIG_KEY, ConfigError, EmofedConfig, fingerprint, from_json
 from emofed.protocol import (
@@ -90,7 +84,6 @@ from emofed.protocol import (
 )
 from models import NUM_CLASSES, MultimodalEmotionNet, build_model, get_state, set_state
 from policy.federated import (
-    PRIOR_OBJECT,
     policy_config,
     policy_event,
     prior_size,
@@ -300,7 +293,7 @@ def _handle_model(msg: Message, context: Context, *, train: bool) -> Message:
         # Nothing to fine-tune on: a held-out device's personalised model is the global one.
         metrics[PERSONAL_ACCURACY_KEY] = metrics["accuracy"]
     elif cfg.personal.enabled:
-        with open_device_store(context) as store:
+        with DeviceStore.from_context(context).open_store() as store:
             metrics[PERSONAL_ACCURACY_KEY] = personalise(
                 model,
                 data.train,
@@ -473,8 +466,8 @@ def _policy_statistics(cfg: EmofedConfig, context: Context) -> PolicyStatistics:
         from simulations.users import history_statistics, simulated_person  # simulation only
 
         return history_statistics(cfg, simulated_person(cfg, device_id))
-    with open_device_store(context) as store:
-        state = store.get_json(POLICY_OBJECT) if POLICY_OBJECT in store else None
+    with DeviceStore.from_context(context).open_store() as store:
+        state = store.get_json(POLICY_STATE_OBJECT) if POLICY_STATE_OBJECT in store else None
     if state is None:
         raise UnusableDeviceData("no policy feedback recorded on this device yet (run `emofed device run`)")
     return statistics_from_state(cfg, state)
@@ -528,8 +521,8 @@ def _evaluate_policy(msg: Message, context: Context) -> Message:
         raise ConfigError("the policy prior is off in this run (policy.enabled=false)")
     actions = policy_config(cfg).action_names
     prior = PolicyStatistics.from_vector(_policy_array(msg, POLICY_PRIOR_KEY, prior_size(cfg)), actions, NUM_FEATURES)
-    with open_device_store(context) as store:
-        store.put_json(PRIOR_OBJECT, prior.to_dict())  # what `emofed device run` starts from
+    with DeviceStore.from_context(context).open_store() as store:
+        store.put_json(POLICY_PRIOR_OBJECT, prior.to_dict())  # what `emofed device run` starts from
     metrics: dict[str, Any] = {}
     if _simulated(context):
         device_id = DeviceStore.from_context(context).device_id

@@ -36,7 +36,6 @@ server keeps its verbatim copies of device chains in plaintext, in the run's
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import secrets
@@ -60,15 +59,17 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
-from device.store import (
-    HEADER_FILE,
-    EncryptedStore,
-    StoreError,
-    StoreNotFound,
-    StoreTampered,
-    check_name,
-    generate_key_file,
+from device.layout import LEDGER_KEY_OBJECT as KEY_OBJECT
+from device.layout import (
+    LEGACY_LEDGER_DIR,
+    ledger_chain_object,
+    legacy_key_path,
+    legacy_run_root,
+    open_device_store,
+    store_key_path,
+    store_path,
 )
+from device.store import EncryptedStore, StoreError, StoreNotFound, StoreTampered
 from emofed.config import DeviceDPConfig, PrivacyConfig
 from emofed.protocol import (
     CLIPPING_NORM_KEY,
@@ -97,14 +98,6 @@ from privacy.ledger_store import DEVICES_DIR, KEYS_FILE, LedgerStore, scope_path
 logger = logging.getLogger(__name__)
 
 RUN_DIR_KEY = "run-dir"  # run config (pyproject.toml): the ServerApp's run directory
-KEYS_DIR = "keys"
-STORE_DIR = "store"  # <device folder>/store: the device's encrypted store
-STORE_KEY_FILE = "store.key"  # <device folder>/keys/store.key: its 32-byte key file (0600)
-KEY_OBJECT = "ledger-key"  # the store object holding the Ed25519 ledger-signing key
-CHAIN_PREFIX = "ledger"  # the store object ledger.<run_id>.<device_id>: one chain per run
-LEGACY_KEY_FILE = Path(KEYS_DIR) / "ledger.key"  # older versions' plaintext key, imported once
-LEGACY_LEDGER_DIR = "ledger"  # older versions' plaintext chains, imported once
-_MAX_OBJECT_NAME = 128  # device.store.check_name
 # δ must be well below 1/records: δ = 1/n allows publishing one record outright.
 DELTA_RECORDS_FACTOR = 10
 
@@ -147,27 +140,23 @@ class DeviceStore:
 
     @property
     def store_path(self) -> Path:
-        """The device's encrypted store, ``<folder>/store``."""
-        return self.folder / STORE_DIR
+        """The device's encrypted store, ``<folder>/store`` (:mod:`device.layout`)."""
+        return store_path(self.folder)
 
     @property
     def store_key_path(self) -> Path:
         """The store's key file, ``<folder>/keys/store.key``."""
-        return self.folder / KEYS_DIR / STORE_KEY_FILE
+        return store_key_path(self.folder)
 
     @property
     def chain_object(self) -> str:
         """The store object holding this run's chain: ``ledger.<run_id>.<device_id>``."""
-        name = f"{CHAIN_PREFIX}.{self.run_id}.{self.device_id}"
-        if len(name) > _MAX_OBJECT_NAME:  # a device id near its 128-character limit
-            digest = hashlib.sha256(self.device_id.encode()).hexdigest()[:32]
-            name = f"{CHAIN_PREFIX}.{self.run_id}.{digest}"
-        return check_name(name)
+        return ledger_chain_object(self.run_id, self.device_id)
 
     @property
     def legacy_key_path(self) -> Path:
         """Where older versions kept the ledger key in plaintext (PEM), migrated once."""
-        return self.folder / LEGACY_KEY_FILE
+        return legacy_key_path(self.folder)
 
     @property
     def legacy_chain_path(self) -> Path:
@@ -211,7 +200,7 @@ class DeviceStore:
         run_id = int(context.run_id)
         if node.get(DEVICE_DIR_KEY):
             folder = Path(str(node[DEVICE_DIR_KEY]))
-            return cls(device_id, folder, run_id, folder / "runs" / str(run_id))
+            return cls(device_id, folder, run_id, legacy_run_root(folder, run_id))
         if run.get(DEVICE_ROOT_KEY):
             folder = Path(str(run[DEVICE_ROOT_KEY])) / device_id
         elif run.get(RUN_DIR_KEY):
@@ -242,18 +231,7 @@ class DeviceStore:
         PermissionError
             If the key file is accessible by group or others.
         """
-        path, key_file = self.store_path, self.store_key_path
-        if create and not (path / HEADER_FILE).exists():
-            if not key_file.exists():
-                try:
-                    generate_key_file(key_file)
-                except FileExistsError:  # another process of the same device was quicker
-                    pass
-            try:
-                return EncryptedStore.create(path, key_file=key_file)
-            except FileExistsError:
-                pass
-        return EncryptedStore.open(path, key_file=key_file)
+        return open_device_store(self.folder, create=create)
 
     def public_key(self) -> Ed25519PublicKey:
         """The device's existing ledger key (never creates one), read from its store.

@@ -33,9 +33,10 @@ from flwr.app import Context, RecordDict
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.dp import STORE_DIR, STORE_KEY_FILE, DeviceStore
+from client.dp import DeviceStore
 from client.train import evaluate_local
-from device.store import HEADER_FILE, EncryptedStore
+from device.layout import PERSONAL_OBJECT, STORE_DIR, STORE_KEY_FILE, has_store
+from device.store import EncryptedStore
 from emofed.config import PersonalConfig
 from models import emotion_loss, get_state, set_state, shared_state_keys
 
@@ -49,7 +50,6 @@ __all__ = [
     "existing_device_store",
     "fine_tune",
     "load_personal",
-    "open_device_store",
     "personal_arrays_in",
     "personal_keys",
     "personalise",
@@ -57,9 +57,8 @@ __all__ = [
     "swapped",
 ]
 
-PERSONAL_OBJECT = "personal-layers"  # object name in the device's encrypted store
-# STORE_DIR ("store", the encrypted store inside the device's folder) and STORE_KEY_FILE
-# ("store.key", its key file in <folder>/keys/) are client.dp's, re-exported here.
+# PERSONAL_OBJECT (the layers' object in the device's encrypted store), STORE_DIR and
+# STORE_KEY_FILE are device.layout's, re-exported for older imports.
 
 
 def personal_keys(model: nn.Module, layers: Collection[str]) -> list[str]:
@@ -80,29 +79,13 @@ def personal_keys(model: nn.Module, layers: Collection[str]) -> list[str]:
 # -- the device's store -------------------------------------------------------------------
 
 
-def open_device_store(context: Context) -> EncryptedStore:
-    """Open the device's encrypted store, creating it and its key file the first time.
-
-    The store is ``<device folder>/store`` (the layout ``emofed device run`` reads):
-    the node config's ``device-dir`` when deployed, so personal layers survive from one
-    run to the next, and ``<device-root>/<id>`` when simulated. Its key is a 32-byte key
-    file, readable by its owner only (``<device folder>/keys/store.key``). The same
-    store holds the device's ledger key and ledger (:class:`client.dp.DeviceStore`).
-
-    Raises
-    ------
-    device.store.WrongStoreKey, device.store.StoreTampered
-        If the key file does not open the store, or its header was modified.
-    FileNotFoundError
-        If the store exists but its key file does not (it is never replaced).
-    PermissionError
-        If the key file is accessible by group or others.
-    """
-    return DeviceStore.from_context(context).open_store()
-
-
 def existing_device_store(context: Context) -> EncryptedStore | None:
     """The device's encrypted store if it has one (never creates it), else None.
+
+    The store is ``<device folder>/store`` (:mod:`device.layout`): the node config's
+    ``device-dir`` when deployed, so personal layers survive from one run to the next,
+    and ``<device-root>/<id>`` when simulated (:meth:`client.dp.DeviceStore.from_context`).
+    ``DeviceStore.from_context(context).open_store()`` opens it, creating it the first time.
 
     Raises
     ------
@@ -110,7 +93,7 @@ def existing_device_store(context: Context) -> EncryptedStore | None:
         If the store exists but cannot be opened.
     """
     device = DeviceStore.from_context(context)
-    if not (device.store_path / HEADER_FILE).exists():
+    if not has_store(device.folder):
         return None
     return device.open_store(create=False)
 

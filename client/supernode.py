@@ -1,21 +1,8 @@
-"""A participating device: its folder, its checks before joining, and its SuperNode.
+"""A participating device: its authentication keys, its checks before joining, and its SuperNode.
 
-Layout of a device folder (``emofed device enroll NAME --device-dir DIR``)::
-
-    DIR/                    0700
-      keys/device.key       the device's authentication key (ECDSA P-384, OpenSSH, 0600);
-                            plaintext, because Flower's SuperNode reads it itself
-      keys/device.pub       what the coordinator enrols
-      keys/store.key        the 32-byte key of the device's encrypted store (0600)
-      store/                the encrypted store (``device.store``, AES-256-GCM): the key
-                            that signs the device's privacy ledger (``ledger-key``), its
-                            signed ledger, one chain per run (``ledger.<run-id>.<id>``),
-                            its personal layers and its policy state (first run)
-      flwr/                 Flower's own state (installed app bundles)
-
-A folder from an older version, with ``keys/ledger.key`` and ``runs/<run-id>/ledger`` in
-plaintext, has that key (and the current run's chain) moved into ``store/`` the first
-time the device trains (``client.dp``).
+The device folder (``emofed device enroll NAME --device-dir DIR``) is laid out as
+:mod:`device.layout` defines: ``keys/device.key`` and ``keys/device.pub`` (created here),
+the encrypted store, Flower's own state in ``flwr/`` and the SuperNode's log.
 
 The device's data stays in its own folder (``--data``), the layout of one device of a
 federation folder (``client.data``): ``samples.jsonl`` plus ``face/`` and ``voice/``.
@@ -34,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from device.layout import device_key_paths as device_keys
+from device.layout import flower_home, supernode_log_path
 from emofed.flower import flower_bin, flower_env, free_port, stop_group, toml_string
-from privacy.certs import DEVICE_KEY, DEVICE_PUB, create_device_keys
+from privacy.certs import create_device_keys
 
-KEYS_DIR = "keys"
 # Flower's exit code when the SuperNode cannot connect or is refused (TLS or authentication).
 # The process itself exits with 1; Flower writes the code to its log ("Exit Code: 305").
 EXIT_CONNECTION_FAILED = 305
@@ -59,16 +47,12 @@ class DataCheck:
     skipped: Counter[str]
 
     def describe(self) -> str:
+        """The counts in one line, as ``emofed device start`` prints them."""
         mods = ", ".join(f"{m} {n}" for m, n in self.modalities.items())
         text = f"{self.train} training and {self.test} test samples ({mods})"
         if self.skipped:
             text += "; skipped " + ", ".join(f"{n} {r}" for r, n in self.skipped.most_common())
         return text
-
-
-def device_keys(device_dir: Path) -> tuple[Path, Path]:
-    """The device's authentication key pair paths (which may not exist yet)."""
-    return device_dir / KEYS_DIR / DEVICE_KEY, device_dir / KEYS_DIR / DEVICE_PUB
 
 
 def ensure_device_keys(device_dir: Path) -> tuple[Path, bool]:
@@ -77,10 +61,10 @@ def ensure_device_keys(device_dir: Path) -> tuple[Path, bool]:
     if private.exists() and public.exists():
         return public, False
     if private.exists() != public.exists():
-        raise DeviceSetupError(f"{device_dir / KEYS_DIR} holds only half a key pair; restore the other file")
+        raise DeviceSetupError(f"{private.parent} holds only half a key pair; restore the other file")
     device_dir.mkdir(parents=True, exist_ok=True)
     device_dir.chmod(0o700)
-    _, public = create_device_keys(device_dir / KEYS_DIR)
+    _, public = create_device_keys(private.parent)
     return public, True
 
 
@@ -253,9 +237,9 @@ def run_supernode(command: list[str], device_dir: Path, on_line: Callable[[str],
     and may outlive it, so the output is read in a thread and the whole process group is
     stopped once the SuperNode itself has exited.
     """
-    home = device_dir / "flwr"
+    home = flower_home(device_dir)
     home.mkdir(parents=True, exist_ok=True)
-    log_path = device_dir / "supernode.log"
+    log_path = supernode_log_path(device_dir)
     process = subprocess.Popen(
         command, env=flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, errors="replace", start_new_session=True,

@@ -51,11 +51,16 @@ from device.capture import (
     VideoSource,
     parse_feedback,
 )
+from device.layout import (
+    MESSAGE_EMBEDDINGS_OBJECT,
+    POLICY_PRIOR_OBJECT,
+    POLICY_STATE_OBJECT,
+    runtime_lock_path,
+)
 from device.recognition import Recogniser
-from device.store import EncryptedStore, generate_key_file
+from device.store import EncryptedStore
 from models.labels import EMOTIONS
 from policy.expression import MiniLMEncoder, TextEmbedder
-from policy.federated import PRIOR_OBJECT
 from policy.rules import Decision, Policy, PolicyConfig
 from policy.state import PolicyStatistics
 
@@ -68,14 +73,14 @@ __all__ = [
     "EVENT_KEYS",
     "POLICY_OBJECT",
     "STAGES",
-    "STORE_DIR",
     "CachedEmbedder",
     "DeviceRuntimeError",
     "RuntimeConfig",
+    "SessionLock",
     "SessionReport",
     "StageTimer",
+    "dumps",
     "load_policy",
-    "open_device_store",
     "run_session",
 ]
 
@@ -83,12 +88,7 @@ logger = logging.getLogger(__name__)
 
 _EMBEDDED: dict[tuple[str, str], np.ndarray] = {}  # (encoder, text) -> embedding, this process
 
-# The layout client.personal uses too: <device-dir>/store, keyed by <device-dir>/keys/store.key.
-STORE_DIR = "store"
-DEFAULT_KEY_FILE = Path("keys") / "store.key"
-LOCK_FILE = "runtime.lock"  # <device-dir>/runtime.lock: one session per device at a time
-POLICY_OBJECT = "policy_state"  # the policy's state_dict, JSON, in the store
-EMBEDDINGS_OBJECT = "message_embeddings"  # the message bank's embeddings (CachedEmbedder)
+POLICY_OBJECT = POLICY_STATE_OBJECT  # the name older imports use (device.layout's)
 STAGES = ("capture", "preprocess", "recognise", "policy", "express", "store")
 EVENT_KEYS = (
     "type", "id", "window", "timestamp", "modalities", "emotion", "by_modality", "smoothed",
@@ -116,46 +116,6 @@ class RuntimeConfig:
             raise ValueError(f"'silence_db' must be in [-120, 0]. Found {self.silence_db}.")
         if self.duration_s is not None and not self.duration_s > 0:
             raise ValueError(f"'duration' must be > 0 seconds. Found {self.duration_s}.")
-
-
-# -- the device's store ------------------------------------------------------------------
-
-
-def open_device_store(
-    device_dir: Path, *, passphrase: str | None = None, key_file: Path | None = None, create: bool = True
-) -> tuple[EncryptedStore, bool]:
-    """Open (or create) the encrypted store of a device folder.
-
-    A new store under a key file that does not exist yet gets a fresh key file (0600).
-
-    Returns
-    -------
-    store : EncryptedStore
-        The open store.
-    created : bool
-        Whether it was created now.
-
-    Raises
-    ------
-    device.store.WrongStoreKey
-        If the passphrase or key file does not open the store.
-    device.store.StoreTampered
-        If the store's header is malformed.
-    DeviceRuntimeError
-        If the key file is unreadable, accessible by others or not 32 bytes.
-    """
-    path = Path(device_dir) / STORE_DIR
-    try:
-        if (path / "store.json").exists() or not create:
-            if key_file is not None and not Path(key_file).exists():
-                raise DeviceRuntimeError(f"store key file {key_file} not found; the store {path} needs the key it was created with")
-            return EncryptedStore.open(path, passphrase=passphrase, key_file=key_file), False
-        if key_file is not None and not Path(key_file).exists():
-            generate_key_file(key_file)
-            logger.info("Created store key file %s", key_file)
-        return EncryptedStore.create(path, passphrase=passphrase, key_file=key_file), True
-    except (PermissionError, FileNotFoundError, ValueError) as err:
-        raise DeviceRuntimeError(str(err).splitlines()[0]) from None
 
 
 # -- timing ---------------------------------------------------------------------------------
@@ -366,6 +326,113 @@ def _inside(policy: Policy) -> tuple[float, float]:
     return (select.elapsed[0] + avatar.elapsed[0], select.elapsed[1] + avatar.elapsed[1])  # type: ignore[attr-defined]
 
 
+def _check_inputs(video: VideoSource | None, audio: AudioSource | AudioStream | None, text: TextSource | None) -> None:
+    """Refuse a session without input, or one that mixes wall-clock and file time."""
+    if video is None and audio is None and text is None:
+        raise ValueError("Give at least one input: video or camera, audio, text.")
+    if audio is not None and audio.live and video is not None and not video.live:
+        raise ValueError("an audio stream is timed by the wall clock and a video file by its frames; "
+                         "give the stream with a camera, or the video with an audio file")
+
+
+class _Session:
+    """One session's windows: capture, recognise, decide, express, store.
+
+    ``base`` is the Unix time the session's decisions count from: a recorded clip is
+    replayed as if it started at ``base``; a live session stamps the wall clock, never
+    before the last decision (a clock set back).
+    """
+
+    def __init__(self, *, recogniser: Recogniser, policy: Policy, store: EncryptedStore, config: RuntimeConfig,
+                 video: VideoSource | None, audio: AudioSource | AudioStream | None, text: TextSource | None,
+                 matcher: _Feedback, emit: Callable[[dict[str, Any]], None], clock: Callable[[], float],
+                 base: float, timer: StageTimer, report: SessionReport) -> None:
+        self.recogniser, self.policy, self.store, self.config = recogniser, policy, store, config
+        self.video, self.audio, self.text = video, audio, text
+        self.matcher, self.emit, self.clock, self.base = matcher, emit, clock, base
+        self.timer, self.report = timer, report
+        self.live_sources = [s for s in (video, audio) if s is not None and s.live]
+
+    def start_clock(self) -> None:
+        """Start the live sources on one clock, from now (not from when they were opened)."""
+        zero = time.monotonic()
+        for source in self.live_sources:
+            source.start_clock(zero)
+
+    def run(self) -> None:
+        """Run windows until one ends the session."""
+        index = 0
+        while not self.window(index):
+            index += 1
+
+    def window(self, index: int) -> bool:
+        """Run window ``index``; whether the session ends with it."""
+        start, end = index * self.config.window_s, (index + 1) * self.config.window_s
+        if self.config.duration_s is not None and start >= self.config.duration_s:
+            return True
+        with self.timer.measure("capture"):
+            frame = self.video.read(start, end) if self.video is not None else None
+            samples = self.audio.read(start, end) if self.audio is not None else None
+            line = self.text.read(index) if self.text is not None else None
+        self.matcher.poll()
+        done = self._exhausted(index, end)
+        if frame is None and samples is None and line is None:
+            self.timer.discard_window()
+            return done
+        self.report.windows += 1
+        with self.timer.measure("preprocess"):
+            rate = self.audio.sample_rate if self.audio else None
+            prepared = self.recogniser.prepare(frame, samples, rate, line)
+        for note in prepared.notes:
+            self.report.notes[note] = self.report.notes.get(note, 0) + 1
+        if not prepared.present:
+            self.report.skipped_windows += 1
+            self.timer.discard_window()
+            return done
+        with self.timer.measure("recognise"):
+            probabilities, alone = self.recogniser(prepared)
+        decision = self._decide(probabilities, end)
+        with self.timer.measure("express"):
+            self.emit(_event(decision, index, start, end, prepared.present, probabilities, alone))
+        self._count(decision)
+        with self.timer.measure("store"):
+            self.store.put_json(POLICY_STATE_OBJECT, self.policy.state_dict())
+        self.timer.end_window()
+        return done
+
+    def _exhausted(self, index: int, end: float) -> bool:
+        """Whether every source is used up once window ``index`` (ending at ``end``) is read."""
+        video, audio, text = self.video, self.audio, self.text
+        return (
+            (video is None or video.exhausted)
+            and (audio is None or audio.done_at(end))
+            and (text is None or (index + 1 >= text.windows_needed and (not text.live or text.exhausted)))
+        )
+
+    def _decide(self, probabilities: np.ndarray, end: float) -> Decision:
+        """The policy's decision on one window, its time split into "policy" and "express"."""
+        if self.live_sources:
+            timestamp = max(self.clock(), self.base)
+            self.base = timestamp
+        else:
+            timestamp = self.base + end
+        before = _inside(self.policy)
+        wall, cpu = time.perf_counter(), time.process_time()
+        decision = self.policy.decide(timestamp, probabilities)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        after = _inside(self.policy)
+        self.timer.add("policy", wall - (after[0] - before[0]), cpu - (after[1] - before[1]))
+        return decision
+
+    def _count(self, decision: Decision) -> None:
+        """Count a decision and match file feedback to it."""
+        self.report.decisions += 1
+        self.report.interventions += decision.action != self.matcher.quiet
+        if self.report.first_decision is None:
+            self.report.first_decision = decision.id
+        self.matcher.after(decision)
+
+
 def run_session(
     *,
     recogniser: Recogniser,
@@ -414,11 +481,7 @@ def run_session(
         If an input turns out to be corrupt part-way (the state of every finished window
         is saved).
     """
-    if video is None and audio is None and text is None:
-        raise ValueError("Give at least one input: video or camera, audio, text.")
-    if audio is not None and audio.live and video is not None and not video.live:
-        raise ValueError("an audio stream is timed by the wall clock and a video file by its frames; "
-                         "give the stream with a camera, or the video with an audio file")
+    _check_inputs(video, audio, text)
     timer = StageTimer()
     report = SessionReport()
     # Message retrieval and the avatar's face run inside Policy.decide; timing them there
@@ -427,75 +490,17 @@ def run_session(
     policy.avatar = _Timed(policy.avatar, timer, "express")  # type: ignore[method-assign]
     state = policy.state_dict()
     base = max(clock(), float(state["last_decision"] or 0.0))
-    first_id = int(state["step"])
     matcher = _Feedback(policy, feedback, live_feedback, emit, report)
-    matcher.earlier(first_id)
+    matcher.earlier(int(state["step"]))
     if report.feedback:
-        store.put_json(POLICY_OBJECT, policy.state_dict())
-    window = config.window_s
-    live_sources = [s for s in (video, audio) if s is not None and s.live]
-    live = bool(live_sources)
-    zero = time.monotonic()
-    for source in live_sources:  # one clock for all, from now (not from when they were opened)
-        source.start_clock(zero)
-    index = 0
+        store.put_json(POLICY_STATE_OBJECT, policy.state_dict())
+    session = _Session(
+        recogniser=recogniser, policy=policy, store=store, config=config, video=video, audio=audio, text=text,
+        matcher=matcher, emit=emit, clock=clock, base=base, timer=timer, report=report,
+    )
+    session.start_clock()
     try:
-        while True:
-            start, end = index * window, (index + 1) * window
-            if config.duration_s is not None and start >= config.duration_s:
-                break
-            with timer.measure("capture"):
-                frame = video.read(start, end) if video is not None else None
-                samples = audio.read(start, end) if audio is not None else None
-                line = text.read(index) if text is not None else None
-            matcher.poll()
-            done = (
-                (video is None or video.exhausted)
-                and (audio is None or audio.done_at(end))
-                and (text is None or (index + 1 >= text.windows_needed and (not text.live or text.exhausted)))
-            )
-            if frame is None and samples is None and line is None:
-                timer.discard_window()
-                if done:
-                    break
-                index += 1
-                continue
-            report.windows += 1
-            with timer.measure("preprocess"):
-                prepared = recogniser.prepare(frame, samples, audio.sample_rate if audio else None, line)
-            for note in prepared.notes:
-                report.notes[note] = report.notes.get(note, 0) + 1
-            if not prepared.present:
-                report.skipped_windows += 1
-                timer.discard_window()
-                if done:
-                    break
-                index += 1
-                continue
-            with timer.measure("recognise"):
-                probabilities, alone = recogniser(prepared)
-            # Live: the wall clock, never before the last decision (a clock set back).
-            timestamp = max(clock(), base) if live else base + end
-            base = timestamp if live else base
-            before = _inside(policy)
-            wall, cpu = time.perf_counter(), time.process_time()
-            decision = policy.decide(timestamp, probabilities)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            after = _inside(policy)
-            timer.add("policy", wall - (after[0] - before[0]), cpu - (after[1] - before[1]))
-            with timer.measure("express"):
-                emit(_event(decision, index, start, end, prepared.present, probabilities, alone))
-            report.decisions += 1
-            report.interventions += decision.action != matcher.quiet
-            if report.first_decision is None:
-                report.first_decision = decision.id
-            matcher.after(decision)
-            with timer.measure("store"):
-                store.put_json(POLICY_OBJECT, policy.state_dict())
-            timer.end_window()
-            if done:
-                break
-            index += 1
+        session.run()
     except KeyboardInterrupt:
         report.warnings.append("interrupted; the state of every finished window is saved")
     finally:
@@ -503,7 +508,7 @@ def run_session(
         matcher.finish()
         if isinstance(audio, AudioStream):
             report.warnings.extend(audio.warnings)
-        store.put_json(POLICY_OBJECT, policy.state_dict())
+        store.put_json(POLICY_STATE_OBJECT, policy.state_dict())
         report.latency = timer.summary()
         report.table = timer.format_table()
     return report
@@ -516,7 +521,7 @@ class SessionLock:
     """An exclusive lock on a device folder for one session (``fcntl.flock``)."""
 
     def __init__(self, device_dir: Path) -> None:
-        self.path = Path(device_dir) / LOCK_FILE
+        self.path = runtime_lock_path(device_dir)
         self._fd: int | None = None
 
     def __enter__(self) -> SessionLock:
@@ -559,8 +564,8 @@ class CachedEmbedder:
         self.encoder, self.store = encoder, store
         self.name = str(getattr(encoder, "path", type(encoder).__name__))
         self._known: dict[str, np.ndarray] = {}
-        if EMBEDDINGS_OBJECT in store:
-            arrays = store.get_arrays(EMBEDDINGS_OBJECT)
+        if MESSAGE_EMBEDDINGS_OBJECT in store:
+            arrays = store.get_arrays(MESSAGE_EMBEDDINGS_OBJECT)
             meta = json.loads(arrays["meta"].tobytes().decode("utf-8"))
             if meta.get("encoder") == self.name and len(meta["texts"]) == len(arrays["vectors"]):
                 self._known = dict(zip(meta["texts"], arrays["vectors"], strict=True))
@@ -582,7 +587,7 @@ class CachedEmbedder:
             changed = True
         if changed:
             meta = json.dumps({"encoder": self.name, "texts": wanted}).encode("utf-8")
-            self.store.put_arrays(EMBEDDINGS_OBJECT, {
+            self.store.put_arrays(MESSAGE_EMBEDDINGS_OBJECT, {
                 "vectors": np.stack([self._known[t] for t in wanted]),  # (N, E)
                 "meta": np.frombuffer(meta, dtype=np.uint8),
             })
@@ -608,16 +613,16 @@ def load_policy(store: EncryptedStore, config: PolicyConfig, *, encoder: TextEmb
     device.store.StoreTampered
         If a stored object fails authentication.
     """
-    state = store.get_json(POLICY_OBJECT) if POLICY_OBJECT in store else None
+    state = store.get_json(POLICY_STATE_OBJECT) if POLICY_STATE_OBJECT in store else None
     embedder = CachedEmbedder(encoder if encoder is not None else MiniLMEncoder(), store)
     try:
         policy = Policy(config, encoder=embedder, state=state)
     except (ValueError, KeyError, TypeError) as err:
         raise DeviceRuntimeError(f"the policy state in the device store does not fit the policy: {err}") from None
-    if PRIOR_OBJECT in store:
+    if POLICY_PRIOR_OBJECT in store:
         # The federation's latest prior (policy.federated); the device's own statistics stay.
         try:
-            policy.set_prior(PolicyStatistics.from_dict(store.get_json(PRIOR_OBJECT)))
+            policy.set_prior(PolicyStatistics.from_dict(store.get_json(POLICY_PRIOR_OBJECT)))
         except (ValueError, KeyError, TypeError) as err:
             raise DeviceRuntimeError(f"the policy prior in the device store does not fit the policy: {err}") from None
     return policy

@@ -1,11 +1,12 @@
-"""A device's encrypted store: one owner-only directory, every object AES-GCM encrypted at rest.
+r"""A device's encrypted store: one owner-only directory, every object AES-GCM encrypted at rest.
 
 Everything a device keeps between rounds goes through one :class:`EncryptedStore`:
 its personal model layers (``client.personal``), its management policy's state
 (``device.runtime``), its Ed25519 ledger-signing key (object ``ledger-key``) and its
 signed privacy ledger, one hash chain per run (objects ``ledger.<run>.<device>``; the
 device's accountant is rebuilt from it every round, so it is the accountant's state
-too; ``client.dp``). Only two keys stay outside: the store's own key file and the
+too; ``client.dp``); every object's name, and the device folder around the store, are
+defined in :mod:`device.layout`. Only two keys stay outside: the store's own key file and the
 SuperNode's authentication key (``keys/device.key``, which Flower reads itself). The
 store's key is derived from a passphrase with scrypt (Percival & Josefsson, RFC 7914)
 or read from a 32-byte key file that only its owner may read (like ``ssh`` refuses a
@@ -33,15 +34,16 @@ Layout of a store directory (0700; every file 0600)::
 
 The key check lets a wrong passphrase or key be refused before any object is read or
 written. Every encryption draws a fresh random 96-bit nonce. Each object's associated
-data is ``b"emofed-device-store\\0" + version + store_id + b"\\0object\\0" + name``, so an
+data is ``b"emofed-device-store\0" + version + store_id + b"\0object\0" + name``, so an
 object file modified, truncated, renamed over another object or copied in from another
 store (even one under the same key file) fails authentication. The decrypted plaintext
 is one kind byte (``B`` bytes, ``J`` JSON, ``A`` NumPy arrays, ``T`` torch tensors)
 followed by the payload.
 
 Writes go to a randomly named temporary sibling created 0600, are fsynced, replace the
-object with ``os.replace`` and fsync the directory: a crash leaves the old or the new
-version, never a mix; temporaries left by a crash are swept on the next open. Writers
+object with ``os.replace`` and fsync the directory (``privacy._atomic``): a crash leaves
+the old or the new version, never a mix; temporaries left by a crash (``.*.tmp``, which
+:meth:`EncryptedStore.names` never lists) are swept on the next open. Writers
 hold an exclusive ``flock`` on ``.lock``; :meth:`EncryptedStore.locked` holds it across
 a read and the write it decides (a ledger append, a key created only once).
 :meth:`EncryptedStore.rekey` re-encrypts every object into a new objects directory and
@@ -80,6 +82,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from privacy._atomic import atomic_write_bytes, fsync_dir
+
 try:  # POSIX advisory locks; elsewhere writers must not overlap
     import fcntl
 except ImportError:  # pragma: no cover
@@ -101,7 +105,8 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 KEY_CHECK_PLAINTEXT = b"emofed device store key check v1"
 
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+MAX_NAME_LENGTH = 128  # of an object name
+_NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{MAX_NAME_LENGTH - 1}}}")
 _OBJECTS_NAME = re.compile(r"objects(\.[0-9a-f]{8})?")
 _KINDS = {b"B": "bytes", b"J": "json", b"A": "arrays", b"T": "state_dict"}
 _MAX_SCRYPT_MEMORY = 1 << 30  # 128 * r * n bytes; a crafted header must not exhaust memory
@@ -155,47 +160,6 @@ class ScryptParams:
 # -- files -------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename or unlink by syncing its directory (POSIX; a no-op elsewhere)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes, *, overwrite: bool = True, sync_dir: bool = True) -> None:
-    """Write ``data`` to ``path`` (0600) so that a crash leaves the old or the new file.
-
-    The temporary sibling has a random name (a restarted process may reuse a crashed
-    one's pid) and starts with a dot, so :meth:`EncryptedStore.names` never sees it.
-    ``overwrite=False`` publishes with ``os.link``, which fails if ``path`` exists.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-            os.unlink(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync_dir:
-        _fsync_dir(path.parent)
-
-
 def _make_private_dir(path: Path) -> None:
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     os.chmod(path, DIR_MODE)  # an existing directory, or a umask that left less
@@ -227,7 +191,7 @@ def generate_key_file(path: Path | str) -> Path:
     path = Path(path)
     if not path.parent.exists():
         _make_private_dir(path.parent)
-    _write_file(path, secrets.token_bytes(KEY_BYTES), overwrite=False)
+    atomic_write_bytes(path, secrets.token_bytes(KEY_BYTES), mode=FILE_MODE, overwrite=False)
     os.chmod(path, FILE_MODE)
     logger.debug("Generated store key file %s", path)
     return path
@@ -450,7 +414,7 @@ class EncryptedStore:
         header_bytes = _header_json(header)
         # Under the write lock: an open() racing this create sweeps temporaries, ours too.
         with store._lock():
-            _write_file(path / HEADER_FILE, header_bytes, overwrite=False)  # the commit point
+            atomic_write_bytes(path / HEADER_FILE, header_bytes, mode=FILE_MODE, overwrite=False)  # the commit point
         store._header_bytes = header_bytes
         logger.info("Created encrypted device store %s (%s)", path, kdf["name"])
         return store
@@ -686,7 +650,7 @@ class EncryptedStore:
         blob = self._encrypt(kind + payload, self._object_aad(name))
         with self._lock():
             self._current()
-            _write_file(path, blob)
+            atomic_write_bytes(path, blob, mode=FILE_MODE)
 
     def _read(self, name: str) -> bytes:
         """The decrypted plaintext (kind byte and payload) of object ``name``."""
@@ -824,7 +788,7 @@ class EncryptedStore:
                 path.unlink()
             except FileNotFoundError:
                 raise KeyError(f"Device store {self.path} has no object {name!r}.") from None
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     # -- rekeying and closing -------------------------------------------------------------
 
@@ -863,9 +827,9 @@ class EncryptedStore:
             try:
                 for name in self.names():
                     blob = new._encrypt(self._read(name), new._object_aad(name))
-                    _write_file(new._object_path(name), blob, sync_dir=False)
-                _fsync_dir(new_dir)
-                _write_file(self.path / HEADER_FILE, header_bytes)  # the commit point
+                    atomic_write_bytes(new._object_path(name), blob, mode=FILE_MODE, sync_dir=False)
+                fsync_dir(new_dir)
+                atomic_write_bytes(self.path / HEADER_FILE, header_bytes, mode=FILE_MODE)  # the commit point
             except BaseException:
                 # Failed after the commit (a directory fsync): open() removes the old side.
                 if (self.path / HEADER_FILE).read_bytes() != header_bytes:
@@ -873,7 +837,7 @@ class EncryptedStore:
                 raise
             self._header, self._header_bytes, self._aead = header, header_bytes, new._aead
             shutil.rmtree(old_dir)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         logger.info("Re-keyed device store %s (%s)", self.path, kdf["name"])
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +14,8 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename by syncing its directory (POSIX; a no-op elsewhere)."""
+def fsync_dir(directory: Path) -> None:
+    """Persist a rename or unlink by syncing its directory (POSIX; a no-op elsewhere)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # e.g. Windows cannot open directories
@@ -26,7 +27,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def atomic_write_bytes(
-    path: Path, data: bytes, *, mode: int = 0o644, overwrite: bool = True
+    path: Path, data: bytes, *, mode: int = 0o644, overwrite: bool = True, sync_dir: bool = True
 ) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file.
 
@@ -34,7 +35,10 @@ def atomic_write_bytes(
     (so a private key is never readable by others, not even briefly), are fsynced,
     and then replace ``path`` with ``os.replace`` (atomic on POSIX and Windows).
     With ``overwrite=False`` the file is published with ``os.link``, which fails
-    atomically if ``path`` already exists.
+    atomically if ``path`` already exists. The temporary file's name is random (a
+    restarted process may reuse a crashed one's pid) and has the form
+    ``.<name>.<16 hex digits>.tmp``, so that a reader listing the directory can skip
+    or sweep it.
 
     Parameters
     ----------
@@ -47,6 +51,9 @@ def atomic_write_bytes(
         is at most this permissive.
     overwrite : bool
         Whether an existing ``path`` may be replaced.
+    sync_dir : bool
+        Whether to fsync the directory afterwards; a caller writing many files into
+        one directory may sync it once itself (:func:`fsync_dir`).
 
     Raises
     ------
@@ -54,7 +61,7 @@ def atomic_write_bytes(
         If ``overwrite`` is False and ``path`` exists.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
@@ -73,7 +80,8 @@ def atomic_write_bytes(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager

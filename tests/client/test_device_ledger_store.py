@@ -11,7 +11,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, RecordDict
 
-from client.dp import KEY_OBJECT, DevicePrivacy, DeviceStore
+from client.dp import DevicePrivacy, DeviceStore
+from device.layout import LEDGER_KEY_OBJECT
 from device.store import StoreError, StoreTampered, WrongStoreKey
 from emofed.config import PrivacyConfig, load_config
 from emofed.protocol import DEVICE_DIR_KEY, DEVICE_ID_KEY, DEVICE_ROOT_KEY
@@ -81,7 +82,7 @@ def test_key_and_chain_are_never_on_disk_in_plaintext(tmp_path: Path) -> None:
     raw = private_key_to_bytes(privacy._key)
     line = privacy.ledger.lines()[0].encode("ascii")
     files = _files(device.folder)
-    assert set(files) >= {"keys/store.key", "store/store.json", f"store/objects/{KEY_OBJECT}.bin"}
+    assert set(files) >= {"keys/store.key", "store/store.json", f"store/objects/{LEDGER_KEY_OBJECT}.bin"}
     assert f"store/objects/{device.chain_object}.bin" in files
     assert not any(name.startswith(("ledger", "runs")) or name == "keys/ledger.key" for name in files)
     needles = [b"-----BEGIN", b"PRIVATE KEY", raw, base64.b64encode(raw), line, device.scope.encode()]
@@ -182,7 +183,7 @@ def _truncate(device: DeviceStore, name: str) -> None:
 
 
 def _swap_in_key(device: DeviceStore, name: str) -> None:
-    _object_file(device, name).write_bytes(_object_file(device, KEY_OBJECT).read_bytes())
+    _object_file(device, name).write_bytes(_object_file(device, LEDGER_KEY_OBJECT).read_bytes())
 
 
 @pytest.mark.parametrize("damage", [_flip, _truncate, _swap_in_key])
@@ -202,8 +203,8 @@ def test_damaged_key_object_is_refused(tmp_path: Path) -> None:
     """A modified ledger-key object stops the device and fails the guard's key lookup closed."""
     device = _make_device(tmp_path)
     DevicePrivacy.open(device, _make_privacy())
-    _flip(device, KEY_OBJECT)
-    with pytest.raises(StoreTampered, match=f"Object '{KEY_OBJECT}' .* failed authentication"):
+    _flip(device, LEDGER_KEY_OBJECT)
+    with pytest.raises(StoreTampered, match=f"Object '{LEDGER_KEY_OBJECT}' .* failed authentication"):
         DevicePrivacy.open(device, _make_privacy())
     with pytest.raises(ValueError, match="failed authentication"):
         device.public_key()

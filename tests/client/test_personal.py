@@ -16,19 +16,11 @@ from torch.utils.data import TensorDataset
 import client.personal
 from client.app import ERROR_TRAINING_FAILED, app, evaluate
 from client.data import DeviceData, load_device_data
-from client.personal import (
-    PERSONAL_OBJECT,
-    STORE_DIR,
-    STORE_KEY_FILE,
-    existing_device_store,
-    fine_tune,
-    load_personal,
-    open_device_store,
-    personal_keys,
-    swapped,
-)
+from client.dp import DeviceStore
+from client.personal import existing_device_store, fine_tune, load_personal, personal_keys, swapped
 from client.train import evaluate_local, train_local
-from device.store import generate_key_file
+from device.layout import PERSONAL_OBJECT, STORE_DIR, STORE_KEY_FILE
+from device.store import EncryptedStore, generate_key_file
 from emofed.config import ConfigError, EmofedConfig, load_config, to_json
 from emofed.protocol import DEVICE_ROOT_KEY, PERSONAL_ACCURACY_KEY, eval_metric_keys
 from models import build_model, get_state, set_state, shared_state_keys
@@ -64,8 +56,12 @@ def _make_context(partition: int, root: Path) -> Context:
     )
 
 
+def _open_store(context: Context) -> EncryptedStore:
+    return DeviceStore.from_context(context).open_store()
+
+
 def _stored_personal(context: Context) -> dict[str, np.ndarray]:
-    with open_device_store(context) as store:
+    with _open_store(context) as store:
         model = build_model(CFG.model, device="cpu")
         stored = load_personal(store, personal_keys(model, CFG.personal.layers))
     assert stored is not None
@@ -274,7 +270,7 @@ def test_missing_store_key_file_is_never_replaced(tmp_path: Path) -> None:
     key_file = tmp_path / "0" / "keys" / STORE_KEY_FILE
     key_file.unlink()
     with pytest.raises(FileNotFoundError):
-        open_device_store(context)
+        _open_store(context)
     with pytest.raises(FileNotFoundError):
         existing_device_store(context)
     reply = evaluate(_make_message(MessageType.EVALUATE, _make_arrays()), context)
@@ -367,7 +363,7 @@ def test_deployed_device_keeps_layers_in_its_folder_across_runs(tmp_path: Path) 
     # A later run that personalises more layers starts them again from the global model.
     wider = load_config(None, [*OVERRIDES, "personal.layers=[head,aux_heads]"])
     assert not evaluate(_make_message(MessageType.EVALUATE, _make_arrays(wider), wider), context(2)).has_error()
-    with open_device_store(context(3)) as store:
+    with _open_store(context(3)) as store:
         stored = store.get_arrays(PERSONAL_OBJECT)
     # Same seed and the same (global) starting point: the head is re-derived exactly, not
     # warm-started from the stored one (which would move it further).

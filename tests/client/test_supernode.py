@@ -14,13 +14,13 @@ from client.supernode import (
     check_ca,
     check_data_folder,
     check_private_key,
-    device_keys,
     ensure_device_keys,
     flower_exit_code,
     key_refused,
     refusal_reason,
     supernode_command,
 )
+from device.layout import device_key_paths
 from emofed.config import load_config
 from privacy.certs import create_certificates
 
@@ -62,7 +62,7 @@ def _make_device_folder(root: Path, *, samples: int = 16) -> Path:
 def test_ensure_device_keys_creates_once_then_keeps(tmp_path: Path) -> None:
     """The first call creates an owner-only key pair; the second keeps it unchanged."""
     public, created = ensure_device_keys(tmp_path / "dev")
-    private, _ = device_keys(tmp_path / "dev")
+    private, _ = device_key_paths(tmp_path / "dev")
     assert created is True and public.is_file()
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "dev").stat().st_mode) == 0o700
@@ -74,7 +74,7 @@ def test_ensure_device_keys_creates_once_then_keeps(tmp_path: Path) -> None:
 def test_half_a_key_pair_is_refused(tmp_path: Path) -> None:
     """A device folder holding only the public key is refused instead of re-keyed."""
     ensure_device_keys(tmp_path / "dev")
-    private, _ = device_keys(tmp_path / "dev")
+    private, _ = device_key_paths(tmp_path / "dev")
     private.unlink()
     with pytest.raises(DeviceSetupError, match="half a key pair"):
         ensure_device_keys(tmp_path / "dev")
@@ -82,7 +82,7 @@ def test_half_a_key_pair_is_refused(tmp_path: Path) -> None:
 
 def test_check_private_key_missing_and_readable_by_others(tmp_path: Path) -> None:
     """A missing key says how to enrol; a key others can read is refused (as ssh does)."""
-    private, _ = device_keys(tmp_path / "dev")
+    private, _ = device_key_paths(tmp_path / "dev")
     with pytest.raises(DeviceSetupError, match="not enrolled; run `emofed device enroll"):
         check_private_key(private)
     ensure_device_keys(tmp_path / "dev")
@@ -187,11 +187,7 @@ def test_refusal_reason_from_flower_logs(lines: list[str], expected: str) -> Non
 
 def test_refusal_reason_hostname_mismatch_names_the_host() -> None:
     """A certificate that does not name the host tells which --host to add."""
-    mismatch = (
-        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
-        "Hostname mismatch, certificate is not valid for 'coord.lan'."
-    )
-    lines = [*LOG_WRONG_CA[:3], mismatch]
+    lines = [*LOG_WRONG_CA[:3], "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: Hostname mismatch, certificate is not valid for 'coord.lan'."]
     reason = refusal_reason(lines, superlink="coord.lan:9092", max_wait=None)
     assert reason is not None and "emofed certs --host coord.lan" in reason
 
@@ -219,20 +215,14 @@ def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 def test_cli_enroll_on_one_machine_and_from_a_sent_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`device enroll` makes keys and enrols them; a key sent by a device is enrolled with --public-key."""
-    code, out, _ = _run_cli(
-        ["device", "enroll", "d0", "--device-dir", str(tmp_path / "d0"), "--coordinator", str(tmp_path / "c")], capsys
-    )
+    code, out, _ = _run_cli(["device", "enroll", "d0", "--device-dir", str(tmp_path / "d0"), "--coordinator", str(tmp_path / "c")], capsys)
     assert code == 0 and "enrolled 'd0'" in out
     assert (tmp_path / "c" / "enrolled" / "d0.pub").read_bytes() == (tmp_path / "d0" / "keys" / "device.pub").read_bytes()
     code, out, _ = _run_cli(["device", "enroll", "d1", "--device-dir", str(tmp_path / "d1")], capsys)
     assert code == 0 and "--public-key device.pub --coordinator" in out
     assert "PRIVATE KEY" not in out
     code, _, _ = _run_cli(
-        [
-            "device", "enroll", "d1",
-            "--public-key", str(tmp_path / "d1" / "keys" / "device.pub"),
-            "--coordinator", str(tmp_path / "c"),
-        ],
+        ["device", "enroll", "d1", "--public-key", str(tmp_path / "d1" / "keys" / "device.pub"), "--coordinator", str(tmp_path / "c")],
         capsys,
     )
     assert code == 0
@@ -246,8 +236,7 @@ def test_cli_device_start_refusals_before_connecting(tmp_path: Path, capsys: pyt
     assert code == 2 and "this device is not enrolled" in err and "\n" not in err
     ensure_device_keys(tmp_path / "dev")
     code, _, err = _run_cli([*base, "--device-dir", str(tmp_path / "dev")], capsys)
-    expected = "emofed: error: give --ca FILE (the coordinator's ca.crt), or --insecure for a plain-text test setup"
-    assert code == 2 and err == expected
+    assert code == 2 and err == "emofed: error: give --ca FILE (the coordinator's ca.crt), or --insecure for a plain-text test setup"
     made = create_certificates(tmp_path / "certs", [])
     code, _, err = _run_cli([*base, "--device-dir", str(tmp_path / "dev"), "--ca", str(made.server_cert)], capsys)
     assert code == 2 and "is not a CA certificate" in err

@@ -251,8 +251,9 @@ def test_device_run_on_a_microphone_pipe_ends_when_the_writer_closes(tmp_path, r
 
 def test_live_session_with_camera_and_stream_shares_one_clock(tmp_path, run_dir, monkeypatch):
     """A (fake) camera and an audio pipe in one live session: face and voice in the same windows."""
+    from device.layout import open_device_store
     from device.recognition import Recogniser, load_global_model
-    from device.runtime import RuntimeConfig, load_policy, open_device_store, run_session
+    from device.runtime import RuntimeConfig, load_policy, run_session
     from policy.expression import HashingEncoder
     from policy.rules import load_policy_config
 
@@ -264,7 +265,7 @@ def test_live_session_with_camera_and_stream_shares_one_clock(tmp_path, run_dir,
     writer = _Writer(fifo, [pcm.tobytes()])
     writer.start()
     loaded = load_global_model(run_dir)
-    store, _ = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
+    store = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
     policy = load_policy(store, load_policy_config(), encoder=HashingEncoder())
     video, audio = VideoSource(0, live=True), AudioStream(fifo)
     events: list[dict] = []
@@ -288,8 +289,9 @@ def test_live_session_with_camera_and_stream_shares_one_clock(tmp_path, run_dir,
 
 def test_a_session_that_falls_behind_drops_audio_and_says_so(tmp_path, run_dir):
     """A recogniser slower than the windows: the stream drops its oldest audio and the report warns."""
+    from device.layout import open_device_store
     from device.recognition import Prepared, Recogniser, load_global_model
-    from device.runtime import RuntimeConfig, load_policy, open_device_store, run_session
+    from device.runtime import RuntimeConfig, load_policy, run_session
     from policy.expression import HashingEncoder
     from policy.rules import load_policy_config
 
@@ -302,7 +304,7 @@ def test_a_session_that_falls_behind_drops_audio_and_says_so(tmp_path, run_dir):
     writer = _Writer(fifo, _pieces(_make_speech(1.5).tobytes(), 1600))
     writer.start()
     loaded = load_global_model(run_dir)
-    store, _ = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
+    store = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
     policy = load_policy(store, load_policy_config(), encoder=HashingEncoder())
     audio = AudioStream(fifo, buffer_s=0.3)
     try:

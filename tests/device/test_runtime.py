@@ -16,8 +16,9 @@ from safetensors.numpy import save_file
 
 from cli.main import main
 from device.capture import CaptureError, TextSource, VideoSource, read_feedback
+from device.layout import POLICY_PRIOR_OBJECT, POLICY_STATE_OBJECT, has_store, open_device_store
 from device.recognition import ModelLoadError, apply_personal_layers, load_global_model
-from device.runtime import EVENT_KEYS, POLICY_OBJECT, STAGES, open_device_store
+from device.runtime import EVENT_KEYS, STAGES
 from device.store import EncryptedStore, generate_key_file
 from emofed.config import load_config, to_json, to_yaml
 from models import MODALITIES, build_model, get_state, shared_state_keys
@@ -123,14 +124,14 @@ def test_state_survives_a_restart_encrypted_on_disk(tmp_path, assets, capsys):
     code, first, _ = _run(capsys, device, assets, "--key-file", str(key))
     assert code == 0
     with EncryptedStore.open(device / "store", key_file=key) as store:
-        saved = store.get_json(POLICY_OBJECT)
+        saved = store.get_json(POLICY_STATE_OBJECT)
     assert saved["step"] == len(first)
     code, second, err = _run(capsys, device, assets, "--key-file", str(key))
     assert code == 0, err
     assert second[0]["id"] == len(first)
     assert second[0]["timestamp"] > first[-1]["timestamp"]
     with EncryptedStore.open(device / "store", key_file=key) as store:
-        state = store.get_json(POLICY_OBJECT)
+        state = store.get_json(POLICY_STATE_OBJECT)
     assert state["step"] == len(first) + len(second)
     for path in device.rglob("*"):
         if path.is_file():
@@ -147,7 +148,7 @@ def test_default_key_file_is_created_owner_only(tmp_path, assets, capsys):
     key = device / "keys" / "store.key"
     assert key.stat().st_mode & 0o777 == 0o600 and key.stat().st_size == 32
     with EncryptedStore.open(device / "store", key_file=key) as store:
-        assert POLICY_OBJECT in store
+        assert POLICY_STATE_OBJECT in store
 
 
 def test_wrong_key_is_refused_cleanly_and_the_store_is_untouched(tmp_path, assets, capsys):
@@ -202,7 +203,7 @@ def test_feedback_updates_the_policy_state(tmp_path, assets, capsys):
         code, events, err = _run(capsys, device, assets, "--key-file", str(key), *extra)
         assert code == 0, err
         with EncryptedStore.open(device / "store", key_file=key) as store:
-            states[name] = store.get_json(POLICY_OBJECT)
+            states[name] = store.get_json(POLICY_STATE_OBJECT)
         if extra:
             answers = [e for e in events if e["type"] == "feedback"]
             first = next(e for e in events if e["type"] == "decision" and e["action"] != "no_action")
@@ -280,7 +281,7 @@ def test_tampered_policy_state_is_a_clean_error(tmp_path, assets, capsys):
     """A modified policy-state object: a one-line error naming it, not a silent reset."""
     device, key = tmp_path / "device", _key(tmp_path)
     assert _run(capsys, device, assets, "--key-file", str(key), inputs=("text",))[0] == 0
-    target = device / "store" / "objects" / f"{POLICY_OBJECT}.bin"
+    target = device / "store" / "objects" / f"{POLICY_STATE_OBJECT}.bin"
     blob = bytearray(target.read_bytes())
     blob[40] ^= 0x01
     target.write_bytes(bytes(blob))
@@ -297,8 +298,9 @@ def test_personal_layers_in_the_store_replace_the_global_head(tmp_path, assets):
     loaded = load_global_model(assets["run"])
     keys = personal_keys(loaded.model, loaded.config.personal.layers)
     personal = {k: np.full_like(v, 0.25) for k, v in get_state(loaded.model, keys).items()}
-    store, created = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
-    assert created
+    assert not has_store(tmp_path / "device")
+    store = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
+    assert has_store(tmp_path / "device")
     save_personal(store, personal)
     apply_personal_layers(loaded, store)
     assert loaded.personal == keys
@@ -310,7 +312,7 @@ def test_a_model_without_head_weights_needs_personal_layers(tmp_path):
     """Global weights lacking the head, and no personal layers in the store: a clear error."""
     run = _make_run(tmp_path / "run", drop=("head.",))
     loaded = load_global_model(run)
-    store, _ = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
+    store = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
     with pytest.raises(ModelLoadError, match="no weights for head"):
         apply_personal_layers(loaded, store)
 
@@ -386,7 +388,7 @@ def test_message_embeddings_are_kept_in_the_store(tmp_path, monkeypatch):
             raise AssertionError(f"embedded {len(texts)} texts again")
 
     config = load_policy_config()
-    store, _ = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
+    store = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
     first = load_policy(store, config, encoder=Counting())
     monkeypatch.setattr(runtime, "_EMBEDDED", {})  # as in a new process
     second = load_policy(store, config, encoder=Refusing())
@@ -403,7 +405,7 @@ def test_live_session_times_decisions_by_the_wall_clock(tmp_path, assets):
     from policy.expression import HashingEncoder
 
     loaded = load_global_model(assets["run"])
-    store, _ = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
+    store = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
     policy = load_policy(store, load_policy_config(), encoder=HashingEncoder())
     events: list[dict] = []
     clock = iter(range(1000, 2000, 7))
@@ -427,10 +429,10 @@ def test_switched_off_actions_stay_off_across_sessions(tmp_path, assets, capsys)
     assert code == code2 == 0
     assert not {e["action"] for e in first + second} & {"breathing_exercise", "suggest_break"}
     with EncryptedStore.open(device / "store", key_file=key) as store:
-        assert store.get_json(POLICY_OBJECT)["switched_off"] == ["breathing_exercise", "suggest_break"]
+        assert store.get_json(POLICY_STATE_OBJECT)["switched_off"] == ["breathing_exercise", "suggest_break"]
     assert _run(capsys, device, assets, "--key-file", str(key), "--switch-on", "suggest_break", inputs=("text",))[0] == 0
     with EncryptedStore.open(device / "store", key_file=key) as store:
-        assert store.get_json(POLICY_OBJECT)["switched_off"] == ["breathing_exercise"]
+        assert store.get_json(POLICY_STATE_OBJECT)["switched_off"] == ["breathing_exercise"]
     code, _, err = _run(capsys, device, assets, "--key-file", str(key), "--switch-off", "yoga", inputs=("text",))
     assert code == 2 and "unknown action 'yoga'" in err
 
@@ -441,18 +443,18 @@ def test_a_fresh_policy_starts_from_the_federated_prior_in_the_store(tmp_path):
 
     from device.runtime import DeviceRuntimeError, load_policy
     from policy.expression import HashingEncoder
-    from policy.federated import PRIOR_OBJECT
     from policy.state import NUM_FEATURES, PolicyStatistics
 
     config = load_policy_config()
-    store, _ = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
+    store = open_device_store(tmp_path / "device", key_file=tmp_path / "keys" / "store.key")
     k = len(config.action_names)
     theta = np.random.default_rng(0).normal(size=(k, NUM_FEATURES))
-    prior = PolicyStatistics(config.action_names, np.broadcast_to(3.0 * np.eye(NUM_FEATURES), (k, NUM_FEATURES, NUM_FEATURES)), 3.0 * theta)
-    store.put_json(PRIOR_OBJECT, prior.to_dict())
+    xx = np.broadcast_to(3.0 * np.eye(NUM_FEATURES), (k, NUM_FEATURES, NUM_FEATURES))
+    prior = PolicyStatistics(config.action_names, xx, 3.0 * theta)
+    store.put_json(POLICY_PRIOR_OBJECT, prior.to_dict())
     policy = load_policy(store, config, encoder=HashingEncoder())
     assert np.allclose(policy.bandit.prior.rx, prior.rx)
     assert np.allclose(policy.local_statistics().xx, 0.0)
-    store.put_json(PRIOR_OBJECT, {"actions": ["a"], "xx": [[[1.0]]], "rx": [[1.0]]})
+    store.put_json(POLICY_PRIOR_OBJECT, {"actions": ["a"], "xx": [[[1.0]]], "rx": [[1.0]]})
     with pytest.raises(DeviceRuntimeError, match="policy prior"):
         load_policy(store, config, encoder=HashingEncoder())

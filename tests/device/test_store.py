@@ -430,7 +430,7 @@ def test_create_commits_its_header_under_the_lock(
 ) -> None:
     """A racing open()'s sweep cannot take create's temporary header: create holds the lock."""
     held: list[bool] = []
-    real_write = device.store._write_file
+    real_write = device.store.atomic_write_bytes
 
     def probe(path: Path, data: bytes, **kwargs: object) -> None:
         fd = os.open(path.parent / ".lock", os.O_RDWR)
@@ -443,7 +443,7 @@ def test_create_commits_its_header_under_the_lock(
             os.close(fd)
         real_write(path, data, **kwargs)
 
-    monkeypatch.setattr(device.store, "_write_file", probe)
+    monkeypatch.setattr(device.store, "atomic_write_bytes", probe)
     _make_store(tmp_path)
     assert held == [True]
 
