@@ -187,7 +187,11 @@ def test_refusal_reason_from_flower_logs(lines: list[str], expected: str) -> Non
 
 def test_refusal_reason_hostname_mismatch_names_the_host() -> None:
     """A certificate that does not name the host tells which --host to add."""
-    lines = [*LOG_WRONG_CA[:3], "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: Hostname mismatch, certificate is not valid for 'coord.lan'."]
+    mismatch = (
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+        "Hostname mismatch, certificate is not valid for 'coord.lan'."
+    )
+    lines = [*LOG_WRONG_CA[:3], mismatch]
     reason = refusal_reason(lines, superlink="coord.lan:9092", max_wait=None)
     assert reason is not None and "emofed certs --host coord.lan" in reason
 
@@ -215,14 +219,20 @@ def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 def test_cli_enroll_on_one_machine_and_from_a_sent_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`device enroll` makes keys and enrols them; a key sent by a device is enrolled with --public-key."""
-    code, out, _ = _run_cli(["device", "enroll", "d0", "--device-dir", str(tmp_path / "d0"), "--coordinator", str(tmp_path / "c")], capsys)
+    code, out, _ = _run_cli(
+        ["device", "enroll", "d0", "--device-dir", str(tmp_path / "d0"), "--coordinator", str(tmp_path / "c")], capsys
+    )
     assert code == 0 and "enrolled 'd0'" in out
     assert (tmp_path / "c" / "enrolled" / "d0.pub").read_bytes() == (tmp_path / "d0" / "keys" / "device.pub").read_bytes()
     code, out, _ = _run_cli(["device", "enroll", "d1", "--device-dir", str(tmp_path / "d1")], capsys)
     assert code == 0 and "--public-key device.pub --coordinator" in out
     assert "PRIVATE KEY" not in out
     code, _, _ = _run_cli(
-        ["device", "enroll", "d1", "--public-key", str(tmp_path / "d1" / "keys" / "device.pub"), "--coordinator", str(tmp_path / "c")],
+        [
+            "device", "enroll", "d1",
+            "--public-key", str(tmp_path / "d1" / "keys" / "device.pub"),
+            "--coordinator", str(tmp_path / "c"),
+        ],
         capsys,
     )
     assert code == 0
@@ -236,7 +246,8 @@ def test_cli_device_start_refusals_before_connecting(tmp_path: Path, capsys: pyt
     assert code == 2 and "this device is not enrolled" in err and "\n" not in err
     ensure_device_keys(tmp_path / "dev")
     code, _, err = _run_cli([*base, "--device-dir", str(tmp_path / "dev")], capsys)
-    assert code == 2 and err == "emofed: error: give --ca FILE (the coordinator's ca.crt), or --insecure for a plain-text test setup"
+    expected = "emofed: error: give --ca FILE (the coordinator's ca.crt), or --insecure for a plain-text test setup"
+    assert code == 2 and err == expected
     made = create_certificates(tmp_path / "certs", [])
     code, _, err = _run_cli([*base, "--device-dir", str(tmp_path / "dev"), "--ca", str(made.server_cert)], capsys)
     assert code == 2 and "is not a CA certificate" in err
