@@ -30,7 +30,7 @@ from server.grids import ENROLLED_NODES_KEY, EnrolledGrid, parse_enrolled
 from server.policy import policy_phase_blocker, run_policy_phase
 from server.report import plot_curves
 from server.rundir import PLOT_FILE, RunDirectory
-from server.strategy import RoundLog, build_strategy
+from server.strategy import RoundLog, ScreenedStrategy, build_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -115,53 +115,16 @@ class RoundReporter:
             return None
         now = time.monotonic()
         log = self.round_logs.get(server_round, RoundLog())
-        train, ev = log.train_metrics, log.eval_metrics
-        row: dict[str, Any] = {
-            "round": server_round,
-            "train_loss": train.get("train-loss"),
-            "train_examples": train.get("num-examples"),
-            "train_devices": log.train_ok,
-            "train_sampled": log.train_sent,
-            "eval_loss": ev.get("loss"),
-            "accuracy": ev.get("accuracy"),
-            "macro_f1": ev.get("macro-f1"),
-            "acc_face": ev.get("acc-face"),
-            "acc_voice": ev.get("acc-voice"),
-            "acc_text": ev.get("acc-text"),
-            "eval_examples": ev.get("num-examples"),
-            "eval_devices": log.eval_ok,
-            "eval_sampled": log.eval_sent,
-            "epsilon_user": log.user_epsilon,
-            "epsilon_device_max": train.get("dp-epsilon-max"),
-            "epsilon_device_mean": train.get("dp-epsilon-mean"),
-            "clipping_norm": log.clipping_norm,
-            "declined_devices": len(log.declined),
-            "declined": log.declined,
-            "failed_devices": len(log.failures),
-            "failures": log.failures,
-            "confusion": ev.get("confusion"),
-            "uar": ev.get("uar"),
-            # the global model on the held-out (test-only, unseen) devices
-            "heldout_loss": log.heldout_metrics.get("loss"),
-            "heldout_accuracy": log.heldout_metrics.get("accuracy"),
-            "heldout_macro_f1": log.heldout_metrics.get("macro-f1"),
-            "heldout_uar": log.heldout_metrics.get("uar"),
-            "heldout_examples": log.heldout_metrics.get("num-examples"),
-            "heldout_devices": log.heldout_ok,
-            "heldout_declined": log.heldout_declined,
-            "heldout_confusion": log.heldout_metrics.get("confusion"),
-            "device_skips": log.device_skips,
-            # personal layers: the personalised model, and its gain over the global one per device
-            "personal_accuracy": ev.get("personal-accuracy"),
-            "personal_gain_mean": ev.get("personal-gain-mean"),
-            "personal_gain_worst": ev.get("personal-gain-worst"),
-            "personal_loss_share": ev.get("personal-loss-share"),
-            "personal_gains": ev.get("personal-gains"),
-            "seconds": round(now - self.last, 2),
-            "elapsed": round(now - self.started, 2),
-        }
+        row = round_row(server_round, log)
+        row["seconds"] = round(now - self.last, 2)
+        row["elapsed"] = round(now - self.started, 2)
         self.last = now
         self.run_dir.append_round(row)
+        self._log_progress(server_round, log, row)
+        return None
+
+    def _log_progress(self, server_round: int, log: RoundLog, row: dict[str, Any]) -> None:
+        """The round's progress line, then one line per notable device (skips, declines, failures)."""
         logger.info(
             "round %d/%d  train loss %s  eval loss %s  accuracy %s  macro-F1 %s  "
             "devices trained %d/%d evaluated %d/%d%s%s  (%.1f s)",
@@ -196,13 +159,63 @@ class RoundReporter:
             logger.info("  declined: %s", declined)
         for failure in log.failures:
             logger.info("  skipped: %s", failure)
-        return None
+
+
+def round_row(server_round: int, log: RoundLog) -> dict[str, Any]:
+    """A round's row of ``metrics.jsonl`` from its screen log, without the timings.
+
+    The caller adds ``seconds`` and ``elapsed``; every other column is here.
+    """
+    train, ev, heldout = log.train_metrics, log.eval_metrics, log.heldout_metrics
+    return {
+        "round": server_round,
+        "train_loss": train.get("train-loss"),
+        "train_examples": train.get("num-examples"),
+        "train_devices": log.train_ok,
+        "train_sampled": log.train_sent,
+        "eval_loss": ev.get("loss"),
+        "accuracy": ev.get("accuracy"),
+        "macro_f1": ev.get("macro-f1"),
+        "acc_face": ev.get("acc-face"),
+        "acc_voice": ev.get("acc-voice"),
+        "acc_text": ev.get("acc-text"),
+        "eval_examples": ev.get("num-examples"),
+        "eval_devices": log.eval_ok,
+        "eval_sampled": log.eval_sent,
+        "epsilon_user": log.user_epsilon,
+        "epsilon_device_max": train.get("dp-epsilon-max"),
+        "epsilon_device_mean": train.get("dp-epsilon-mean"),
+        "clipping_norm": log.clipping_norm,
+        "declined_devices": len(log.declined),
+        "declined": log.declined,
+        "failed_devices": len(log.failures),
+        "failures": log.failures,
+        "confusion": ev.get("confusion"),
+        "uar": ev.get("uar"),
+        # the global model on the held-out (test-only, unseen) devices
+        "heldout_loss": heldout.get("loss"),
+        "heldout_accuracy": heldout.get("accuracy"),
+        "heldout_macro_f1": heldout.get("macro-f1"),
+        "heldout_uar": heldout.get("uar"),
+        "heldout_examples": heldout.get("num-examples"),
+        "heldout_devices": log.heldout_ok,
+        "heldout_declined": log.heldout_declined,
+        "heldout_confusion": heldout.get("confusion"),
+        "device_skips": log.device_skips,
+        # personal layers: the personalised model, and its gain over the global one per device
+        "personal_accuracy": ev.get("personal-accuracy"),
+        "personal_gain_mean": ev.get("personal-gain-mean"),
+        "personal_gain_worst": ev.get("personal-gain-worst"),
+        "personal_loss_share": ev.get("personal-loss-share"),
+        "personal_gains": ev.get("personal-gains"),
+    }
 
 
 def heldout_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The ``heldout`` section of ``summary.json``: the last round's global-model scores on
-    the held-out devices (identity-disjoint test population) and the local-test scores
-    beside them; None when the run had no held-out device.
+    """The ``heldout`` section of ``summary.json``; None when the run had no held-out device.
+
+    The last round's global-model scores on the held-out devices (identity-disjoint test
+    population), and the local-test scores beside them.
     """
     scored = [r for r in rows if r.get("heldout_accuracy") is not None]
     if not scored:
@@ -221,9 +234,10 @@ def heldout_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def personalisation_summary(cfg: EmofedConfig, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The ``personalisation`` section of ``summary.json``: the last evaluated round's
-    distribution of the personalised model's gain over the global model, per device;
-    None when personal layers are off.
+    """The ``personalisation`` section of ``summary.json``; None when personal layers are off.
+
+    The last evaluated round's distribution of the personalised model's gain over the
+    global model, per device.
     """
     if not cfg.personal.enabled:
         return None
@@ -254,8 +268,9 @@ def privacy_summary(
     ledger_dir: Path | None,
     policy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``privacy`` section of ``summary.json``: settings and the ε spent per level
-    (a device's ε includes its policy release, ``policy``'s section, when it made one).
+    """The ``privacy`` section of ``summary.json``: settings and the ε spent per level.
+
+    A device's ε includes its policy release (``policy``'s section) when it made one.
     """
     p = cfg.privacy
     device_epsilons = [r["epsilon_device_max"] for r in rows if r.get("epsilon_device_max") is not None]
@@ -340,11 +355,45 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
+    """One run: the model's rounds, the policy phase, then the run directory's results."""
     if cfg.policy.enabled:
         check_catalogue(cfg)  # a broken policy catalogue fails the run before any training
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     run_dir.write_config(to_yaml(cfg))
+    initial, keys = initial_model(cfg)
+    _warn_if_devices_missing(grid, cfg)
+    ledger = _open_ledger(cfg, run_dir)
+    user_dp = UserLevelDP.from_config(cfg, ledger) if ledger is not None and cfg.privacy.user.enabled else None
+    strategy = build_strategy(cfg, ledger=ledger, user_dp=user_dp)
+    started = time.monotonic()
+    final, stop_reason = _train(grid, cfg, run_dir, strategy, initial)
+    wall = time.monotonic() - started
+    run_dir.save_model(
+        {k: a.numpy() for k, a in final.items()},
+        {"format": "emofed-shared-weights/1", "config": to_json(cfg), "keys": ",".join(keys)},
+    )
+    policy = _policy_phase(grid, cfg, run_dir, ledger) if cfg.policy.enabled else None
+    rows = run_dir.rows
+    _plot(cfg, rows, run_dir.path / PLOT_FILE)
+    summary = run_summary(
+        cfg,
+        rows,
+        stop_reason=stop_reason,
+        policy=policy,
+        user_dp=user_dp,
+        ledger_dir=run_dir.final_path / LEDGER_DIR if ledger is not None else None,
+        training_seconds=wall,
+    )
+    path = run_dir.finalize(summary)
+    logger.info("Run %s: %s", "complete" if stop_reason is None else "stopped (privacy budget)", path)
+
+
+def initial_model(cfg: EmofedConfig) -> tuple[ArrayRecord, list[str]]:
+    """The configured model's shared weights as the first global model, and their keys.
+
+    Call after seeding torch: the weights are the model's seeded initialisation.
+    """
     model = build_model(cfg.model, device="cpu")
     keys = shared_state_keys(model)
     state = get_state(model, keys)
@@ -354,6 +403,11 @@ def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
         "%d devices, %d rounds, strategy %s, %d shared parameters in %d arrays (%.2f MB per update)",
         cfg.devices, cfg.rounds, cfg.strategy.name, n_params, len(state), n_params * 4 / 1e6,
     )
+    return initial, keys
+
+
+def _warn_if_devices_missing(grid: Grid, cfg: EmofedConfig) -> None:
+    """Warn when the connected devices are not the configured ones plus the held-out ones."""
     connected = len(list(grid.get_node_ids()))
     heldout = _heldout_count(cfg)
     if connected != cfg.devices + heldout:
@@ -361,16 +415,22 @@ def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
             "%d devices connected, configuration says devices=%d (+%d held out)", connected, cfg.devices, heldout
         )
 
-    dp_on = cfg.privacy.device.enabled or cfg.privacy.user.enabled
-    ledger = LedgerStore(run_dir.path / LEDGER_DIR) if dp_on else None
-    if ledger is not None:
-        ledger.root.mkdir(parents=True, exist_ok=True)
-    user_dp = UserLevelDP.from_config(cfg, ledger) if ledger is not None and cfg.privacy.user.enabled else None
-    strategy = build_strategy(cfg, ledger=ledger, user_dp=user_dp)
-    reporter = RoundReporter(cfg, run_dir, strategy.round_logs)  # type: ignore[attr-defined]
+
+def _open_ledger(cfg: EmofedConfig, run_dir: RunDirectory) -> LedgerStore | None:
+    """The run's ledger directory, created; None when no DP level is on."""
+    if not (cfg.privacy.device.enabled or cfg.privacy.user.enabled):
+        return None
+    ledger = LedgerStore(run_dir.path / LEDGER_DIR)
+    ledger.root.mkdir(parents=True, exist_ok=True)
+    return ledger
+
+
+def _train(
+    grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory, strategy: ScreenedStrategy, initial: ArrayRecord
+) -> tuple[ArrayRecord, str | None]:
+    """The model's rounds; the final global model and why the privacy budget stopped them (or None)."""
+    reporter = RoundReporter(cfg, run_dir, strategy.round_logs)
     payload = to_json(cfg)  # devices rebuild and re-validate the same config
-    started = time.monotonic()
-    stop_reason: str | None = None
     try:
         result = strategy.start(
             grid=grid,
@@ -381,50 +441,52 @@ def _run(grid: Grid, cfg: EmofedConfig, run_dir: RunDirectory) -> None:
             evaluate_config=ConfigRecord({MESSAGE_CONFIG_KEY: payload}),
             evaluate_fn=reporter,
         )
-        final = result.arrays if len(result.arrays) else initial
     except PrivacyBudgetStop as stop:
         # Raised before the round's messages went out: the last release stands.
-        stop_reason = str(stop)
-        final = reporter.final_arrays if reporter.final_arrays is not None else initial
         logger.warning(
-            "Run stopped by the privacy budget after %d of %d rounds: %s",
-            len(run_dir.rows), cfg.rounds, stop_reason,
+            "Run stopped by the privacy budget after %d of %d rounds: %s", len(run_dir.rows), cfg.rounds, stop
         )
-    wall = time.monotonic() - started
-    arrays = {k: a.numpy() for k, a in final.items()}
-    run_dir.save_model(
-        arrays,
-        {"format": "emofed-shared-weights/1", "config": to_json(cfg), "keys": ",".join(keys)},
-    )
-    policy = _policy_phase(grid, cfg, run_dir, ledger) if cfg.policy.enabled else None
-    rows = run_dir.rows
+        return (reporter.final_arrays if reporter.final_arrays is not None else initial), str(stop)
+    return (result.arrays if len(result.arrays) else initial), None
+
+
+def _plot(cfg: EmofedConfig, rows: list[dict[str, Any]], path: Path) -> None:
+    """The run's curves, with the ε budget of each DP level that is on."""
     budgets: dict[str, float] = {}
     if cfg.privacy.device.enabled:
         budgets["device"] = cfg.privacy.device.epsilon
     if cfg.privacy.user.enabled:
         budgets["user"] = cfg.privacy.user.epsilon
-    plot_curves(
-        rows, run_dir.path / PLOT_FILE, title=f"emofed: {cfg.devices} devices, {cfg.strategy.name}", budgets=budgets
-    )
+    plot_curves(rows, path, title=f"emofed: {cfg.devices} devices, {cfg.strategy.name}", budgets=budgets)
+
+
+def run_summary(
+    cfg: EmofedConfig,
+    rows: list[dict[str, Any]],
+    *,
+    stop_reason: str | None,
+    policy: dict[str, Any] | None,
+    user_dp: UserLevelDP | None,
+    ledger_dir: Path | None,
+    training_seconds: float,
+) -> dict[str, Any]:
+    """The content of ``summary.json``: status, final scores and each section of the run."""
     last = rows[-1] if rows else {}
-    summary = {
+    final_keys = ("accuracy", "macro_f1", "eval_loss", "train_loss", "acc_face", "acc_voice", "acc_text")
+    return {
         "status": "complete" if stop_reason is None else STOPPED_STATUS,
         "stop_reason": stop_reason,
         "rounds": cfg.rounds,
         "rounds_completed": len(rows),
         "devices": cfg.devices,
         "strategy": cfg.strategy.name,
-        "final": {k: last.get(k) for k in ("accuracy", "macro_f1", "eval_loss", "train_loss", "acc_face", "acc_voice", "acc_text")},
+        "final": {k: last.get(k) for k in final_keys},
         "heldout": heldout_summary(rows),
         "personalisation": personalisation_summary(cfg, rows),
         "policy": policy,
         "failed_device_replies": sum(r.get("failed_devices", 0) for r in rows),
         "declined_device_replies": sum(r.get("declined_devices", 0) for r in rows),
-        "privacy": privacy_summary(
-            cfg, rows, user_dp, run_dir.final_path / LEDGER_DIR if ledger is not None else None, policy
-        ),
-        "training_seconds": round(wall, 2),
+        "privacy": privacy_summary(cfg, rows, user_dp, ledger_dir, policy),
+        "training_seconds": round(training_seconds, 2),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    path = run_dir.finalize(summary)
-    logger.info("Run %s: %s", "complete" if stop_reason is None else "stopped (privacy budget)", path)

@@ -64,14 +64,17 @@ class CoordinatorHome:
 
     @property
     def certs(self) -> Path:
+        """The private CA and the SuperLink's TLS certificate and key."""
         return self.root / "certs"
 
     @property
     def enrolled(self) -> Path:
+        """The enrolled devices' public-key files, one per device."""
         return self.root / "enrolled"
 
     @property
     def superlink(self) -> Path:
+        """The SuperLink's state and logs for the current start."""
         return self.root / "superlink"
 
     def enrolled_keys(self) -> dict[str, Path]:

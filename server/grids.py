@@ -30,27 +30,34 @@ class DelegatingGrid(Grid):
         self._grid = grid
 
     def set_run(self, run: Any) -> None:
+        """Forward to the wrapped grid."""
         self._grid.set_run(run)
 
     @property
     def run(self) -> Any:
+        """The wrapped grid's run."""
         return self._grid.run
 
     def create_message(
         self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
     ) -> Message:
+        """Forward to the wrapped grid."""
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
+        """Forward to the wrapped grid."""
         return self._grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Forward to the wrapped grid."""
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Forward to the wrapped grid."""
         return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Forward to the wrapped grid."""
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
@@ -81,6 +88,7 @@ class EnrolledGrid(DelegatingGrid):
         self._warned: set[int] = set()
 
     def get_node_ids(self) -> Iterable[int]:
+        """The enrolled connected nodes; any other is logged once and left out."""
         ids = list(self._grid.get_node_ids())
         strangers = set(ids) - self.enrolled - self._warned
         if strangers:
@@ -99,7 +107,21 @@ class EnrolledGrid(DelegatingGrid):
         return batch
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push messages addressed to enrolled nodes only.
+
+        Raises
+        ------
+        ValueError
+            If a message is addressed to a node that was not enrolled.
+        """
         return self._grid.push_messages(self._check(messages))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Send messages addressed to enrolled nodes only, and wait for the replies.
+
+        Raises
+        ------
+        ValueError
+            If a message is addressed to a node that was not enrolled.
+        """
         return self._grid.send_and_receive(self._check(messages), timeout=timeout)

@@ -41,6 +41,7 @@ from emofed.protocol import (
 )
 from policy.federated import FIRST_LAST_WINDOW, policy_config, policy_epsilon, policy_event, statistics_size
 from policy.release import SHARED_NORM_BOUND, aggregate_priors, event_sensitivity, shrinkage_prior
+from policy.rules import PolicyConfig
 from policy.state import SHARED_FEATURES, PolicyStatistics
 from privacy.guard import LEDGER_RECORD
 from privacy.ledger_store import LedgerStore
@@ -123,64 +124,21 @@ def run_policy_phase(
     if device_dp and ledger is None:
         raise RuntimeError("device-level DP without a ledger directory")
     config = policy_config(cfg)
-    size = statistics_size(cfg)
     nodes = sorted(grid.get_node_ids())
-    timeout = cfg.strategy.round_timeout_s
     # The round after the model's last: devices record the release under it.
     request = ConfigRecord({MESSAGE_CONFIG_KEY: to_json(cfg), SERVER_ROUND_KEY: cfg.rounds + 1})
-    logger.info(
-        "Policy prior: asking %d devices for their emotion-block statistics (%d values each%s)",
-        len(nodes), size, ", record-level DP on the device" if device_dp else ", no DP",
+    shared, refused, epsilons = _collect_statistics(
+        grid, cfg, config, nodes, request, ledger if device_dp else None
     )
-    replies = grid.send_and_receive(
-        [_message(request, n, POLICY_STATISTICS_KEY, np.zeros(size), "train.policy") for n in nodes], timeout=timeout
-    )
-    shared: dict[int, PolicyStatistics] = {}
-    refused: list[str] = []
-    epsilons: list[float] = []
-    scopes: dict[int, str] = {}
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            refused.append(_reason(reply))
-            continue
-        screened = _screen_statistics(reply, size, device_dp)
-        if isinstance(screened, str):
-            refused.append(f"device {node}: {screened}")
-            continue
-        if device_dp:
-            reason = store_device_ledger(ledger, node, reply.content.config_records[LEDGER_RECORD], scopes)  # type: ignore[arg-type]
-            if reason is not None:
-                refused.append(f"device {node}: {reason}")
-                continue
-            epsilon = reply.content["metrics"].get("dp-epsilon")
-            if isinstance(epsilon, (int, float)):
-                epsilons.append(float(epsilon))
-        shared[node] = PolicyStatistics.from_vector(screened, config.action_names, SHARED_FEATURES)
-    for reason in refused:
-        logger.info("  policy statistics skipped: %s", reason)
     section: dict[str, Any] = {
         "devices_asked": len(nodes),
         "devices_shared": len(shared),
-        "refused": refused,
+        "refused": refused,  # evaluation refusals are added below
         "history": cfg.policy.history,
         "decisions": cfg.policy.decisions,
         "prior_strength": cfg.policy.prior_strength,
     }
-    event = policy_event(cfg)
-    stddev = 0.0
-    if event is not None:
-        sensitivity = event_sensitivity(config.feedback.reward_bound, SHARED_NORM_BOUND)
-        stddev = event.noise_multiplier * sensitivity
-        section["privacy"] = {
-            "level": "device (record-level: one feedback event)",
-            "epsilon_alone": policy_epsilon(cfg) if cfg.policy.noise_multiplier is None else None,
-            "noise_multiplier": event.noise_multiplier,
-            "sensitivity": sensitivity,
-            "device_epsilon_max": max(epsilons) if epsilons else None,
-        }
-    else:
-        section["privacy"] = {"level": "none"}
+    section["privacy"], stddev = _privacy_section(cfg, config, epsilons)
     if not shared:
         logger.warning("Policy prior: no device shared its statistics; no prior was built")
         section["status"] = "no statistics"
@@ -197,25 +155,12 @@ def run_policy_phase(
          "strength": cfg.policy.prior_strength, **prior.to_dict()},
     )
     logger.info("Policy prior built from %d devices; scoring four policies on every device", len(shared))
-    messages = []
+    # Each device gets the prior of the *other* devices: its own statistics are already local.
+    priors: dict[int, PolicyStatistics] = {}
     for node in nodes:
         others = [s for n, s in shared.items() if n != node]
-        own_prior = prior_of(others) if others else prior
-        messages.append(_message(request, node, POLICY_PRIOR_KEY, own_prior.to_vector(), "evaluate.policy"))
-    scores: list[dict[str, float]] = []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            refused.append(_reason(reply))
-            logger.info("  policy evaluation skipped: %s", _reason(reply))
-            continue
-        metrics = reply.content.metric_records.get("metrics")
-        values = dict(metrics.items()) if metrics is not None else {}
-        if set(values) == POLICY_EVAL_METRICS and all(
-            isinstance(v, (int, float)) and math.isfinite(v) for v in values.values()
-        ):
-            scores.append({k: float(v) for k, v in values.items()})
-        elif values:
-            logger.info("  policy evaluation skipped: device %d sent unexpected metrics", reply.metadata.src_node_id)
+        priors[node] = prior_of(others) if others else prior
+    scores = _score_policies(grid, cfg, request, priors, refused)
     section["devices_scored"] = len(scores)
     section["table"] = policy_table(scores) if scores else None
     section["prior_gain"] = paired_gain(scores) if scores else None
@@ -228,6 +173,106 @@ def run_policy_phase(
             len(scores), cfg.policy.decisions, *(table[v]["regret"] for v in POLICY_VARIANTS),
         )
     return section
+
+
+def _collect_statistics(
+    grid: Grid,
+    cfg: EmofedConfig,
+    config: PolicyConfig,
+    nodes: list[int],
+    request: ConfigRecord,
+    ledger: LedgerStore | None,
+) -> tuple[dict[int, PolicyStatistics], list[str], list[float]]:
+    """Step 1: ask every device for its statistics and screen the replies.
+
+    ``ledger`` is given exactly under device-level DP: each reply's ledger is then
+    verified and stored there. Returns the statistics shared per node, the one-line
+    reasons of the refused replies, and the devices' reported ε.
+    """
+    device_dp = ledger is not None
+    size = statistics_size(cfg)
+    logger.info(
+        "Policy prior: asking %d devices for their emotion-block statistics (%d values each%s)",
+        len(nodes), size, ", record-level DP on the device" if device_dp else ", no DP",
+    )
+    replies = grid.send_and_receive(
+        [_message(request, n, POLICY_STATISTICS_KEY, np.zeros(size), "train.policy") for n in nodes],
+        timeout=cfg.strategy.round_timeout_s,
+    )
+    shared: dict[int, PolicyStatistics] = {}
+    refused: list[str] = []
+    epsilons: list[float] = []
+    scopes: dict[int, str] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            refused.append(_reason(reply))
+            continue
+        screened = _screen_statistics(reply, size, device_dp)
+        if isinstance(screened, str):
+            refused.append(f"device {node}: {screened}")
+            continue
+        if ledger is not None:
+            reason = store_device_ledger(ledger, node, reply.content.config_records[LEDGER_RECORD], scopes)
+            if reason is not None:
+                refused.append(f"device {node}: {reason}")
+                continue
+            epsilon = reply.content["metrics"].get("dp-epsilon")
+            if isinstance(epsilon, (int, float)):
+                epsilons.append(float(epsilon))
+        shared[node] = PolicyStatistics.from_vector(screened, config.action_names, SHARED_FEATURES)
+    for reason in refused:
+        logger.info("  policy statistics skipped: %s", reason)
+    return shared, refused, epsilons
+
+
+def _privacy_section(
+    cfg: EmofedConfig, config: PolicyConfig, epsilons: list[float]
+) -> tuple[dict[str, Any], float]:
+    """The section's ``privacy`` part, and the standard deviation of the devices' noise (0 without DP)."""
+    event = policy_event(cfg)
+    if event is None:
+        return {"level": "none"}, 0.0
+    sensitivity = event_sensitivity(config.feedback.reward_bound, SHARED_NORM_BOUND)
+    privacy = {
+        "level": "device (record-level: one feedback event)",
+        "epsilon_alone": policy_epsilon(cfg) if cfg.policy.noise_multiplier is None else None,
+        "noise_multiplier": event.noise_multiplier,
+        "sensitivity": sensitivity,
+        "device_epsilon_max": max(epsilons) if epsilons else None,
+    }
+    return privacy, event.noise_multiplier * sensitivity
+
+
+def _score_policies(
+    grid: Grid,
+    cfg: EmofedConfig,
+    request: ConfigRecord,
+    priors: dict[int, PolicyStatistics],
+    refused: list[str],
+) -> list[dict[str, float]]:
+    """Step 3: send each device its prior and keep the scores of the well-formed replies.
+
+    A device's error is appended to ``refused``.
+    """
+    messages = [
+        _message(request, node, POLICY_PRIOR_KEY, prior.to_vector(), "evaluate.policy") for node, prior in priors.items()
+    ]
+    scores: list[dict[str, float]] = []
+    for reply in grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout_s):
+        if reply.has_error():
+            refused.append(_reason(reply))
+            logger.info("  policy evaluation skipped: %s", _reason(reply))
+            continue
+        metrics = reply.content.metric_records.get("metrics")
+        values = dict(metrics.items()) if metrics is not None else {}
+        if set(values) == POLICY_EVAL_METRICS and all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in values.values()
+        ):
+            scores.append({k: float(v) for k, v in values.items()})
+        elif values:
+            logger.info("  policy evaluation skipped: device %d sent unexpected metrics", reply.metadata.src_node_id)
+    return scores
 
 
 def policy_table(scores: list[dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -68,6 +68,7 @@ class SecureSum:
 
     @property
     def ok(self) -> bool:
+        """Whether the protocol completed and the mean is known."""
         return self.mean is not None
 
 
@@ -94,7 +95,9 @@ class _StrategyShim:
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[tuple[_Proxy, FitIns]]:
         return [(_Proxy(nid), FitIns(Parameters(tensors=[], tensor_type="numpy.ndarray"), {})) for nid in self.node_ids]
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[Any, FitRes]], failures: list[Any]) -> tuple[None, dict[str, Any]]:
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[Any, FitRes]], failures: list[Any]
+    ) -> tuple[None, dict[str, Any]]:
         if results:
             self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
         self.contributors = len(results)

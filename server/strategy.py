@@ -36,6 +36,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from logging import INFO
 from typing import Any
 
 import numpy as np
@@ -49,10 +50,11 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common import bytes_to_ndarray
+from flwr.common.logger import log as flwr_log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Result, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from emofed.config import EmofedConfig, SecAggConfig
@@ -84,7 +86,7 @@ CONFIG_KEY = "config"
 DEVICE_EPSILON_KEY = "dp-epsilon"
 UPDATE_CLIPPED_KEY = "update-clipped"
 
-STRATEGIES: dict[str, type[Strategy]] = {
+STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
     "fedadam": FedAdam,
@@ -372,30 +374,123 @@ def _no_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricReco
     return MetricRecord()
 
 
-class ScreenedStrategy:
-    """Mixin placed before a Flower strategy: screens replies and logs each round.
+class ScreenedStrategy(Strategy):
+    """A Flower strategy behind the reply screen: drops malformed replies, logs each round.
 
-    With user-level DP it also commits each round's release before its messages go out
-    (which raises ``server.dp.PrivacyBudgetStop`` when the budget cannot pay for it) and
-    replaces the base aggregation with the private one.
+    The base strategy samples the devices and aggregates what the screen kept, as
+    Flower's DP wrappers (``DifferentialPrivacyServerSideFixedClipping``) wrap theirs.
+    With user-level DP the screen also commits each round's release before its messages
+    go out (which raises ``server.dp.PrivacyBudgetStop`` when the budget cannot pay for
+    it) and replaces the base aggregation with the private one.
+
+    Parameters
+    ----------
+    strategy : FedAvg
+        The base strategy (FedAvg or a subclass: FedProx, FedAdam). Its record keys must
+        be the protocol's (``ARRAYS_KEY``, ``CONFIG_KEY``, ``WEIGHT_KEY``): the screen
+        checks replies under those keys.
+    device_dp : bool, default False
+        Device-level DP: every training reply must carry the device's ledger chain.
+    user_dp : UserLevelDP, optional
+        User-level DP on the aggregate; None when off.
+    ledger : LedgerStore, optional
+        The run's ledger directory, where the devices' entries are stored; required
+        with ``device_dp``.
+    secagg : SecAggConfig, optional
+        Secure aggregation (SecAgg+); None when off.
+    server_optimizer : FedAvg, optional
+        A second instance of the base strategy's class, which applies the base server
+        update to the private or securely summed aggregate; required with ``user_dp``
+        or ``secagg``.
+    personal : bool, default False
+        Devices keep personal layers and report their personalised accuracy.
+
+    Raises
+    ------
+    TypeError
+        If ``strategy`` is not a FedAvg, or ``server_optimizer`` is not of its class.
+    ValueError
+        If a record key differs from the protocol's, an object that the privacy settings
+        need is missing, or a secure-aggregation bound is not positive.
     """
 
-    round_logs: dict[int, RoundLog]
-    _expected: dict[str, tuple[tuple[int, ...], str]]
-    device_dp: bool
-    user_dp: UserLevelDP | None
-    ledger: LedgerStore | None
-    _server_optimizer: Strategy | None
-    _current: dict[str, np.ndarray]
-    _node_scopes: dict[int, str]
-    secagg: SecAggConfig | None
-    _round: int
-    _secure_grid: SecureAggregationGrid | None
-    heldout_nodes: set[int]  # nodes known to be held-out (test-only) devices
-    personal: bool  # devices keep personal layers and report their accuracy
+    def __init__(
+        self,
+        strategy: FedAvg,
+        *,
+        device_dp: bool = False,
+        user_dp: UserLevelDP | None = None,
+        ledger: LedgerStore | None = None,
+        secagg: SecAggConfig | None = None,
+        server_optimizer: FedAvg | None = None,
+        personal: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(strategy, FedAvg):
+            raise TypeError(f"strategy must be a FedAvg (or a subclass), found {type(strategy).__name__}")
+        for name, found, wanted in (
+            ("arrayrecord_key", strategy.arrayrecord_key, ARRAYS_KEY),
+            ("configrecord_key", strategy.configrecord_key, CONFIG_KEY),
+            ("weighted_by_key", strategy.weighted_by_key, WEIGHT_KEY),
+        ):
+            if found != wanted:
+                raise ValueError(f"strategy.{name} must be the protocol's {wanted!r}, found {found!r}")
+        if device_dp and ledger is None:
+            raise ValueError("ledger must be a LedgerStore when device_dp=True (devices' entries are stored there), found None")
+        if (user_dp is not None or secagg is not None) and server_optimizer is None:
+            raise ValueError("server_optimizer must be given when user_dp or secagg is, found None")
+        if server_optimizer is not None:
+            if type(server_optimizer) is not type(strategy):
+                raise TypeError(
+                    f"server_optimizer must be a {type(strategy).__name__} like strategy, "
+                    f"found {type(server_optimizer).__name__}"
+                )
+            if server_optimizer is strategy:
+                raise ValueError("server_optimizer must be a separate instance from strategy, found the same object")
+        if secagg is not None:
+            if not secagg.enabled:
+                raise ValueError("secagg must be None when secure aggregation is off, found enabled=False")
+            for name, value in (("clipping_range", secagg.clipping_range), ("max_weight", secagg.max_weight)):
+                if not value > 0:
+                    raise ValueError(f"secagg.{name} must be positive, found {value!r}")
+        self.strategy = strategy
+        self.device_dp = device_dp
+        self.user_dp = user_dp
+        self.ledger = ledger
+        self.secagg = secagg
+        self.personal = personal
+        self.round_logs: dict[int, RoundLog] = {}
+        self.heldout_nodes: set[int] = set()  # nodes known to be held-out (test-only) devices
+        self._server_optimizer = server_optimizer
+        self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._current: dict[str, np.ndarray] = {}
+        self._node_scopes: dict[int, str] = {}
+        self._round = 0
+        self._secure_grid: SecureAggregationGrid | None = None
 
-    def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Any:
-        """Flower's round loop; under secure aggregation on a SecAgg+ grid."""
+    def summary(self) -> None:
+        """Log the screen's settings, then the base strategy's."""
+        flwr_log(
+            INFO,
+            "\t├──> Reply screen over %s: device-level DP %s | user-level DP %s | secure aggregation %s",
+            type(self.strategy).__name__,
+            self.device_dp,
+            self.user_dp is not None,
+            self.secagg is not None,
+        )
+        self.strategy.summary()
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's round loop (``Strategy.start``); under secure aggregation on a SecAgg+ grid."""
         if self.secagg is not None:
             grid = self._secure_grid = SecureAggregationGrid(
                 grid,
@@ -405,13 +500,17 @@ class ScreenedStrategy:
                 clipping_range=self._secagg_range,
                 max_weight=1.0 if self.user_dp is not None else self.secagg.max_weight,
             )
-        return super().start(grid, *args, **kwargs)  # type: ignore[misc]
+        return super().start(
+            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
+        )
 
     def _secagg_range(self, server_round: int) -> float:
         if self.user_dp is not None:
             # A clipped update has no coordinate above C; the tolerance covers float error.
             return float(self.user_dp.clipping_norm) * (1 + 1e-6)
-        return float(self.secagg.clipping_range)  # type: ignore[union-attr]
+        if self.secagg is None:  # start builds the secure grid only with secagg
+            raise RuntimeError("secure-aggregation range without secure aggregation")
+        return float(self.secagg.clipping_range)
 
     def _refused(self, reply: Message, reason: str) -> None:
         server_round = int(reply.metadata.group_id or 0) or self._round
@@ -431,9 +530,23 @@ class ScreenedStrategy:
     def _log(self, server_round: int) -> RoundLog:
         return self.round_logs.setdefault(server_round, RoundLog())
 
+    def _train_metrics(self, contents: list[RecordDict]) -> MetricRecord:
+        return self.strategy.train_metrics_aggr_fn(contents, self.strategy.weighted_by_key)
+
+    def _eval_metrics(self, contents: list[RecordDict]) -> MetricRecord:
+        return self.strategy.evaluate_metrics_aggr_fn(contents, self.strategy.weighted_by_key)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """The base strategy's training messages, with the round's privacy settings.
+
+        Raises
+        ------
+        server.dp.PrivacyBudgetStop
+            If every device sampled last round declined for its budget, or the user-level
+            release of this round would exceed the federation's budget.
+        """
         self._stop_if_every_device_declined(server_round)
         self._round = server_round
         if not self._expected:
@@ -445,7 +558,7 @@ class ScreenedStrategy:
         if self.heldout_nodes:
             # Known held-out devices are never sampled for training.
             grid = _ExcludingGrid(grid, frozenset(self.heldout_nodes))
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         if self.user_dp is not None and messages:
             # Messages are built but not sent yet: past the budget, nothing goes out.
             self.user_dp.begin_round(server_round, sampled=len(messages))
@@ -470,7 +583,8 @@ class ScreenedStrategy:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+        """The base strategy's evaluation messages, counted in the round's log."""
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
         self._log(server_round).eval_sent = len(messages)
         return messages
 
@@ -521,6 +635,7 @@ class ScreenedStrategy:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen the training replies, then aggregate the rest (privately, or from the secure sum)."""
         if self.secagg is not None:
             # Screened before unmasking (SecureAggregationGrid); errors are sorted here.
             kept = self._screen(server_round, replies, lambda _reply: None, "train")
@@ -534,7 +649,7 @@ class ScreenedStrategy:
         if not kept:
             logger.warning("Round %d: no usable training reply; the global model is unchanged", server_round)
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        arrays, metrics = self.strategy.aggregate_train(server_round, kept)
         if arrays is not None:
             arrays = _cast_to_spec(arrays, self._expected)
         if metrics is not None:
@@ -564,7 +679,7 @@ class ScreenedStrategy:
         arrays = _cast_to_spec(self._server_step(server_round, model), self._expected)
         metrics = None
         if contents:
-            metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)  # type: ignore[attr-defined]
+            metrics = self._train_metrics(contents)
             log.train_metrics = dict(metrics)
         return arrays, metrics
 
@@ -574,7 +689,7 @@ class ScreenedStrategy:
         log = self._log(server_round)
         outcome = self._secure_grid.sums.get(server_round) if self._secure_grid is not None else None
         contents = [reply.content for reply in kept]
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None  # type: ignore[attr-defined]
+        metrics = self._train_metrics(contents) if contents else None
         if metrics is not None:
             log.train_metrics = dict(metrics)
         if outcome is None or not outcome.ok or outcome.mean is None:
@@ -635,6 +750,7 @@ class ScreenedStrategy:
         return arrays
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Screen the evaluation replies; aggregate training devices' and held-out devices' apart."""
         kept = self._screen(
             server_round,
             replies,
@@ -660,18 +776,12 @@ class ScreenedStrategy:
         log.eval_ok = len(local)
         log.heldout_ok = len(heldout)
         if heldout:
-            log.heldout_metrics = dict(
-                self.evaluate_metrics_aggr_fn(  # type: ignore[attr-defined]
-                    [reply.content for reply in heldout], self.weighted_by_key  # type: ignore[attr-defined]
-                )
-            )
+            log.heldout_metrics = dict(self._eval_metrics([reply.content for reply in heldout]))
         if not local:
             return None
         # The screen has checked every reply; aggregate directly rather than let
         # Flower's own validation raise on what the screen already handled.
-        metrics = self.evaluate_metrics_aggr_fn(  # type: ignore[attr-defined]
-            [reply.content for reply in local], self.weighted_by_key  # type: ignore[attr-defined]
-        )
+        metrics = self._eval_metrics([reply.content for reply in local])
         log.eval_metrics = dict(metrics)
         return metrics
 
@@ -707,7 +817,7 @@ def build_strategy(
     *,
     ledger: LedgerStore | None = None,
     user_dp: UserLevelDP | None = None,
-) -> Strategy:
+) -> ScreenedStrategy:
     """Build the configured Flower strategy, wrapped in the reply screen.
 
     Parameters
@@ -729,53 +839,55 @@ def build_strategy(
     name = cfg.strategy.name
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
-    if cfg.privacy.device.enabled and ledger is None:
-        raise ValueError("device-level DP needs a ledger directory to store the devices' entries")
     if cfg.privacy.user.enabled != (user_dp is not None):
         raise ValueError(
             f"user_dp must be given exactly when privacy.user.enabled=true "
             f"(enabled: {cfg.privacy.user.enabled}, given: {user_dp is not None})"
         )
     base = STRATEGIES[name]
+    kwargs = _base_arguments(cfg)
+    secagg = cfg.privacy.secagg if cfg.privacy.secagg.enabled else None
+    server_optimizer = (
+        base(**{**kwargs, "train_metrics_aggr_fn": _no_train_metrics})
+        if user_dp is not None or secagg is not None
+        else None
+    )
+    return ScreenedStrategy(
+        base(**kwargs),
+        device_dp=cfg.privacy.device.enabled,
+        user_dp=user_dp,
+        ledger=ledger,
+        secagg=secagg,
+        server_optimizer=server_optimizer,
+        personal=cfg.personal.enabled,
+    )
+
+
+def _base_arguments(cfg: EmofedConfig) -> dict[str, Any]:
+    """The keyword arguments of the configured base strategy (``cfg.strategy.name``).
+
+    Sampling from ``cfg.strategy``, the protocol's record keys, this module's metric
+    aggregation, and the arguments only FedProx (``proximal_mu``) or FedAdam (server
+    learning rate and moments) take.
+    """
     s = cfg.strategy
-    min_available = max(s.min_train_devices, s.min_evaluate_devices, 1)
     kwargs: dict[str, Any] = {
         "fraction_train": s.fraction_train,
         "fraction_evaluate": s.fraction_evaluate,
         "min_train_nodes": s.min_train_devices,
         "min_evaluate_nodes": s.min_evaluate_devices,
-        "min_available_nodes": min_available,
+        "min_available_nodes": max(s.min_train_devices, s.min_evaluate_devices, 1),
         "weighted_by_key": WEIGHT_KEY,
         "arrayrecord_key": ARRAYS_KEY,
         "configrecord_key": CONFIG_KEY,
         "train_metrics_aggr_fn": aggregate_train_metrics,
         "evaluate_metrics_aggr_fn": aggregate_eval_metrics,
     }
-    if name == "fedprox":
+    if s.name == "fedprox":
         kwargs["proximal_mu"] = s.proximal_mu
-    if name == "fedadam":
+    if s.name == "fedadam":
         kwargs.update(eta=s.server_lr, eta_l=cfg.train.lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
-    cls = type(f"Screened{base.__name__}", (ScreenedStrategy, base), {})
-    strategy = cls(**kwargs)
-    strategy.round_logs = {}
-    strategy._expected = {}
-    strategy.device_dp = cfg.privacy.device.enabled
-    strategy.user_dp = user_dp
-    strategy.ledger = ledger
-    secagg = cfg.privacy.secagg if cfg.privacy.secagg.enabled else None
-    strategy._server_optimizer = (
-        base(**{**kwargs, "train_metrics_aggr_fn": _no_train_metrics})
-        if user_dp is not None or secagg is not None
-        else None
-    )
-    strategy.secagg = secagg
-    strategy._round = 0
-    strategy._secure_grid = None
-    strategy._current = {}
-    strategy._node_scopes = {}
-    strategy.heldout_nodes = set()
-    strategy.personal = cfg.personal.enabled
-    return strategy
+    return kwargs
 
 
 class _ExcludingGrid(DelegatingGrid):

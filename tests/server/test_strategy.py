@@ -20,7 +20,7 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.supercore.task_identity import TaskIdentity
 
-from emofed.config import load_config
+from emofed.config import SecAggConfig, load_config
 from emofed.protocol import ERROR_BUDGET_EXHAUSTED, ERROR_TRAINING_FAILED
 from privacy.accounting import PrivacyEvent
 from privacy.budget import BudgetedAccountant, PrivacyBudget
@@ -29,6 +29,7 @@ from privacy.keys import generate_private_key
 from privacy.ledger import Ledger
 from privacy.ledger_store import LedgerStore
 from server.strategy import (
+    ScreenedStrategy,
     aggregate_eval_metrics,
     aggregate_train_metrics,
     build_strategy,
@@ -162,10 +163,11 @@ def test_train_aggregation_is_example_weighted() -> None:
 def test_build_strategy_by_name(name: str, base: type, tmp_path: Path) -> None:
     """Each registered strategy is built and screened."""
     strategy = build_strategy(load_config(None, [f"strategy.name={name}"]), ledger=LedgerStore(tmp_path))
-    assert isinstance(strategy, base)
-    assert strategy.fraction_train == 1.0
+    assert isinstance(strategy, ScreenedStrategy)
+    assert type(strategy.strategy) is base
+    assert strategy.strategy.fraction_train == 1.0
     if name == "fedprox":
-        assert strategy.proximal_mu == pytest.approx(0.01)
+        assert strategy.strategy.proximal_mu == pytest.approx(0.01)
 
 
 def test_metric_keys_outside_the_protocol_are_rejected() -> None:
@@ -349,7 +351,7 @@ def test_device_epsilon_is_aggregated_per_round() -> None:
 
 def test_build_strategy_checks_the_privacy_objects(tmp_path: Path) -> None:
     """Device DP needs a ledger directory; user DP needs exactly its UserLevelDP."""
-    with pytest.raises(ValueError, match="needs a ledger directory"):
+    with pytest.raises(ValueError, match="ledger must be a LedgerStore when device_dp=True"):
         build_strategy(load_config(None, []))
     with pytest.raises(ValueError, match="user_dp must be given"):
         build_strategy(load_config(None, ["privacy.user.enabled=true"]), ledger=LedgerStore(tmp_path))
@@ -383,3 +385,71 @@ def test_run_stops_when_every_sampled_device_declined_for_its_budget(tmp_path: P
     # One device declining is not a reason to stop: the others still train.
     strategy.round_logs[2] = RoundLog(train_sent=2, declined=[f"train node 7: {reason}"])
     strategy._stop_if_every_device_declined(3)
+
+
+# -- the screened strategy's constructor ------------------------------------------------
+
+
+def _make_base(
+    arrayrecord_key: str = "arrays", configrecord_key: str = "config", weighted_by_key: str = "num-examples"
+) -> FedAvg:
+    return FedAvg(
+        arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key, weighted_by_key=weighted_by_key
+    )
+
+
+def test_screened_strategy_wraps_a_base_strategy(tmp_path: Path) -> None:
+    """A valid construction keeps the base and the privacy objects as given."""
+    ledger = LedgerStore(tmp_path)
+    base = _make_base()
+    strategy = ScreenedStrategy(base, device_dp=True, ledger=ledger, personal=True)
+    assert strategy.strategy is base and strategy.ledger is ledger
+    assert strategy.device_dp and strategy.personal and strategy.user_dp is None and strategy.secagg is None
+    assert strategy.round_logs == {} and strategy.heldout_nodes == set()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device_dp": True}, r"^ledger must be a LedgerStore when device_dp=True .*found None$"),
+        (
+            {"secagg": SecAggConfig(enabled=False), "server_optimizer": _make_base()},
+            r"^secagg must be None when secure aggregation is off, found enabled=False$",
+        ),
+        ({"secagg": SecAggConfig(enabled=True)}, r"^server_optimizer must be given when user_dp or secagg is, found None$"),
+        (
+            {"secagg": SecAggConfig(enabled=True, clipping_range=0.0), "server_optimizer": _make_base()},
+            r"^secagg\.clipping_range must be positive, found 0\.0$",
+        ),
+        (
+            {"secagg": SecAggConfig(enabled=True, max_weight=-1.0), "server_optimizer": _make_base()},
+            r"^secagg\.max_weight must be positive, found -1\.0$",
+        ),
+    ],
+)
+def test_screened_strategy_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    """A missing privacy object or a bound out of range is a one-line ValueError naming the argument."""
+    with pytest.raises(ValueError, match=message):
+        ScreenedStrategy(_make_base(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("arrayrecord_key", "weights"), ("configrecord_key", "cfg"), ("weighted_by_key", "examples")],
+)
+def test_screened_strategy_requires_the_protocol_record_keys(key: str, value: str) -> None:
+    """A base strategy reading other record keys than the screen checks is refused, naming the key."""
+    with pytest.raises(ValueError, match=rf"^strategy\.{key} must be the protocol's '.+', found '{value}'$"):
+        ScreenedStrategy(_make_base(**{key: value}))
+
+
+def test_screened_strategy_rejects_wrong_types() -> None:
+    """A base that is no FedAvg, or a server optimiser of another class, is a TypeError."""
+    with pytest.raises(TypeError, match="^strategy must be a FedAvg .*found str$"):
+        ScreenedStrategy("fedavg")  # type: ignore[arg-type]
+    secagg = SecAggConfig(enabled=True)
+    with pytest.raises(TypeError, match="^server_optimizer must be a FedAvg like strategy, found FedProx$"):
+        ScreenedStrategy(_make_base(), secagg=secagg, server_optimizer=FedProx())
+    base = _make_base()
+    with pytest.raises(ValueError, match="^server_optimizer must be a separate instance"):
+        ScreenedStrategy(base, secagg=secagg, server_optimizer=base)
