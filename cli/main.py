@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(show)
     show.set_defaults(func=cmd_config_show)
 
+    from cli.pretrain import add_pretrain_parser
+
+    add_pretrain_parser(sub)
+
     from cli.deploy import add_deploy_parsers
 
     add_deploy_parsers(sub, add_config_args)

@@ -55,10 +55,12 @@ class DeviceData:
 
     @property
     def num_train(self) -> int:
+        """Training samples."""
         return len(self.train)
 
     @property
     def num_test(self) -> int:
+        """Test samples."""
         return len(self.test)
 
 
@@ -66,7 +68,7 @@ _CACHE: dict[tuple[str, ...], DeviceData] = {}
 
 
 def load_device_data(cfg: EmofedConfig, node_config: Mapping[str, Any]) -> DeviceData:
-    """This device's preprocessed data, cached for the life of the process.
+    """The device's preprocessed data, cached for the life of the process.
 
     In simulation the device is ``node_config["partition-id"]``; a deployed device
     names its own folder with ``node_config["data-path"]``.

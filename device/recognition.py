@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import safetensors
 import torch
+from torch.utils.data import TensorDataset
 
 from device.store import EncryptedStore, StoreError
 from emofed.config import ConfigError, EmofedConfig, ModelConfig, from_json, load_config
 from models.errors import UnusableInput
 from models.face import FacePreprocessor
+from models.features import FeatureExtractor
 from models.fusion import MODALITIES, MultimodalEmotionNet, build_model
 from models.state import set_state, shared_state_keys
 from models.text import TextPreprocessor
@@ -186,6 +188,8 @@ class Recogniser:
         self.text = TextPreprocessor(config.text)
         self.silence_db = silence_db
         self.max_length = config.text.max_length
+        # model.kind=features: the same fixed extractors and public projection as in training.
+        self.features = FeatureExtractor(config) if getattr(config, "kind", "cnn") == "features" else None
 
     def prepare(
         self, frame: np.ndarray | None, audio: np.ndarray | None, sample_rate: int | None, text: str | None
@@ -226,9 +230,11 @@ class Recogniser:
     def __call__(self, prepared: Prepared) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Fused probabilities (7,) and each present modality's own probabilities."""
         modality_mask = torch.tensor([[m in prepared.present for m in MODALITIES]])  # (1, 3)
-        fused, per_modality = self.model(
-            prepared.face, prepared.voice, prepared.text_ids, prepared.text_mask, modality_mask
-        )  # (1, 7), (1, 3, 7)
+        inputs = (prepared.face, prepared.voice, prepared.text_ids, prepared.text_mask)
+        if self.features is not None:
+            window = TensorDataset(*inputs, modality_mask.float(), torch.zeros(1, dtype=torch.long))
+            inputs = self.features(window).tensors[:4]  # projected face, voice, text; (1, 0)
+        fused, per_modality = self.model(*inputs, modality_mask)  # (1, 7), (1, 3, 7)
         probabilities = torch.softmax(fused[0].double(), dim=0).numpy()
         alone = {
             m: torch.softmax(per_modality[0, i].double(), dim=0).numpy()

@@ -57,9 +57,23 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    """model.kind=features: fixed extractors per modality and the public space over them."""
+
+    face: str = "hog"  # models.features.FACE_FEATURES
+    voice: str = "mel-stats"  # models.features.VOICE_FEATURES
+    text: str = "minilm"  # models.features.TEXT_FEATURES
+    public: str | None = None  # `emofed pretrain` output; None: the packaged synthetic one
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The multimodal emotion network."""
 
+    # features: fixed extractors + small private heads (learns under DP);
+    # cnn: end-to-end CNNs and a text projection (non-private research).
+    kind: str = "features"
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     embed_dim: int = 64
     dropout: float = 0.1
     face: FaceModelConfig = field(default_factory=FaceModelConfig)
@@ -267,6 +281,7 @@ class ConfigError(ValueError):
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "folder"),
     "data.partition": ("natural", "dirichlet"),
+    "model.kind": ("features", "cnn"),
     "model.text.mode": ("frozen", "top", "lora", "full"),
     "model.fusion.kind": ("gated", "mean"),
     "train.optimizer": ("adam", "sgd"),
@@ -305,7 +320,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "model.fusion.aux_weight": (0.0, 10.0),
     "train.local_epochs": (1, 1000),
     "train.batch_size": (1, 65_536),
-    "train.lr": (1e-7, 10.0),
+    "train.lr": (1e-7, 1000.0),
     "train.momentum": (0.0, 0.999),
     "train.weight_decay": (0.0, 1.0),
     "train.max_grad_norm": (1e-6, 1e6),

@@ -349,8 +349,8 @@ def emotion_loss(
 
 def build_model(
     config: ModelConfig, *, device: torch.device | str | None = None
-) -> MultimodalEmotionNet:
-    """Build the network of ``config`` on ``device``.
+) -> nn.Module:
+    """Build the network of ``config`` on ``device``: feature heads or the end-to-end CNNs.
 
     Parameters
     ----------
@@ -361,13 +361,20 @@ def build_model(
 
     Returns
     -------
-    MultimodalEmotionNet
-        The network, in training mode.
+    nn.Module
+        :class:`models.features.FeatureHeadsNet` (``model.kind=features``) or
+        :class:`MultimodalEmotionNet` (``cnn``), in training mode.
 
     Raises
     ------
     ValueError
         If a kind or mode in ``config`` is unknown, or a value is out of range.
     """
-    model = MultimodalEmotionNet(config)
+    model: nn.Module
+    if getattr(config, "kind", "cnn") == "features":
+        from models.features import build_feature_model
+
+        model = build_feature_model(config)
+    else:
+        model = MultimodalEmotionNet(config)
     return model.to(default_device() if device is None else torch.device(device))

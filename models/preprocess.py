@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from torch.utils.data import TensorDataset
 from emofed.config import ModelConfig
 from models.errors import UnusableInput
 from models.face import FacePreprocessor
+from models.features import FeatureExtractor
 from models.fusion import MODALITIES
 from models.labels import NUM_CLASSES
 from models.text import TextPreprocessor, check_text
@@ -220,6 +222,8 @@ class MultimodalPreprocessor:
             modality_mask,  # (N, 3)
             torch.tensor(labels, dtype=torch.long),  # (N,)
         )
+        if getattr(self.config, "kind", "cnn") == "features":
+            dataset = _extractor(self.config)(dataset)  # fixed features, once per sample
         if report.dropped or any(report.unusable.values()):
             logger.info(
                 "Preprocessed %d of %d samples (%d dropped); unusable per modality: %s",
@@ -247,3 +251,9 @@ class MultimodalPreprocessor:
         if not tensors:
             return torch.zeros((0, *shape))
         return torch.stack(tensors)
+
+
+@functools.lru_cache(maxsize=4)
+def _extractor(config: ModelConfig) -> FeatureExtractor:
+    """One extractor per model configuration and process (the text encoder loads once)."""
+    return FeatureExtractor(config)

@@ -347,6 +347,11 @@ class TextEncoder(nn.Module):
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, H)
 
     @torch.no_grad()
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's mean-pooled output (N, H) of rows that all have tokens."""
+        return self._frozen_pooled(input_ids, attention_mask)
+
+    @torch.no_grad()
     def _frozen_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled frozen-encoder output (N, H), memoised per token sequence.
 

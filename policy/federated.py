@@ -31,7 +31,6 @@ from policy.state import NUM_FEATURES, SHARED_FEATURES, PolicyStatistics
 from privacy.accounting import PrivacyEvent, calibrate_noise
 
 __all__ = [
-    "PRIOR_OBJECT",
     "check_catalogue",
     "message_bank",
     "policy_config",
@@ -42,7 +41,6 @@ __all__ = [
     "variants",
 ]
 
-PRIOR_OBJECT = "policy_prior"  # the federated prior a device adopted, JSON, in its store
 FIRST_LAST_WINDOW = 100  # decisions in the "first" and "last" regret columns
 
 
@@ -58,6 +56,7 @@ def policy_config(cfg: EmofedConfig) -> PolicyConfig:
 
 @functools.lru_cache(maxsize=8)
 def message_bank(directory: str | None) -> MessageBank:
+    """The catalogue's supportive messages, ranked by the hashing encoder."""
     # Messages do not change a decision; the hashing encoder spares loading MiniLM per device.
     config = _policy_config(directory)
     return MessageBank(config.messages, {a.name: a.description for a in config.actions}, build_encoder("hashing"))

@@ -281,7 +281,7 @@ def shrinkage_prior(
     k = len(stats.actions)
     eye = np.eye(stats.dim)
     theta = np.zeros((k, dim))
-    theta[:, : stats.dim] = [np.linalg.solve(xx + ridge * eye, rx) for xx, rx in zip(stats.xx, stats.rx)]
+    theta[:, : stats.dim] = [np.linalg.solve(xx + ridge * eye, rx) for xx, rx in zip(stats.xx, stats.rx, strict=True)]
     return PolicyStatistics(stats.actions, np.broadcast_to(strength * np.eye(dim), (k, dim, dim)), strength * theta)
 
 

@@ -402,7 +402,7 @@ class Policy:
         self.bandit.set_prior(prior)
 
     def local_statistics(self) -> PolicyStatistics:
-        """This device's sufficient statistics since the prior: what it may share, once privatised."""
+        """The device's sufficient statistics since the prior: what it may share, once privatised."""
         return self.bandit.statistics()
 
     # -- observing and deciding -----------------------------------------------------------

@@ -341,7 +341,7 @@ class LinUCB:
         return self._prior
 
     def statistics(self) -> PolicyStatistics:
-        """This device's local statistics: its deltas since the prior."""
+        """The device's local statistics: its deltas since the prior."""
         return PolicyStatistics(self.actions, self._local.xx, self._local.rx)
 
     def set_prior(self, prior: PolicyStatistics | None) -> None:

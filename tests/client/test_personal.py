@@ -27,7 +27,8 @@ from models import build_model, get_state, set_state, shared_state_keys
 from server.report import gain_distribution
 
 CPU = torch.device("cpu")
-OVERRIDES = ["devices=3", "data.samples_per_device=12", "train.local_epochs=1", "privacy.preset=off"]
+# The CNN network: these tests pin its personal-layer names (aux_heads, fusion gates).
+OVERRIDES = ["devices=3", "data.samples_per_device=12", "train.local_epochs=1", "privacy.preset=off", "model.kind=cnn"]
 CFG = load_config(None, OVERRIDES)
 
 

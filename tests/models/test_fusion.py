@@ -26,6 +26,7 @@ def _make_config(
     fusion: str = "gated", mode: str = "frozen", **fusion_overrides: object
 ) -> ModelConfig:
     return ModelConfig(
+        kind="cnn",
         embed_dim=16,
         voice=VoiceModelConfig(clip_seconds=_CLIP, width=8),
         text=TextModelConfig(mode=mode, max_length=_LENGTH),

@@ -15,6 +15,7 @@ _LENGTH = 10
 def _make_preprocessor() -> MultimodalPreprocessor:
     return MultimodalPreprocessor(
         ModelConfig(
+            kind="cnn",
             voice=VoiceModelConfig(clip_seconds=0.5),
             text=TextModelConfig(max_length=_LENGTH),
         )

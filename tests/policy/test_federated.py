@@ -11,11 +11,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import ERROR_BAD_REQUEST, app
-from client.personal import open_device_store
+from client.dp import DeviceStore
+from device.layout import POLICY_PRIOR_OBJECT, POLICY_STATE_OBJECT
 from emofed.config import ConfigError, load_config, to_json
 from emofed.protocol import DEVICE_ROOT_KEY, POLICY_EVAL_METRICS, POLICY_PRIOR_KEY, POLICY_STATISTICS_KEY
 from policy.federated import (
-    PRIOR_OBJECT,
     check_catalogue,
     policy_config,
     policy_epsilon,
@@ -205,8 +205,8 @@ def test_evaluate_policy_stores_the_prior_and_scores_four_policies(tmp_path: Pat
     assert set(metrics) == POLICY_EVAL_METRICS
     assert all(math.isfinite(v) for v in metrics.values())
     assert all(metrics[f"policy-{v}-regret"] >= -1e-9 for v in ("random", "prior", "local", "federated"))
-    with open_device_store(context) as store:
-        kept = PolicyStatistics.from_dict(store.get_json(PRIOR_OBJECT))
+    with DeviceStore.from_context(context).open_store() as store:
+        kept = PolicyStatistics.from_dict(store.get_json(POLICY_PRIOR_OBJECT))
     assert np.allclose(kept.rx, prior.rx)
 
 
@@ -214,8 +214,9 @@ def test_evaluate_policy_stores_the_prior_and_scores_four_policies(tmp_path: Pat
 
 
 def test_federated_prior_with_personalisation_beats_local_learning() -> None:
-    """Under device-level DP, on 16 simulated people: the leave-one-out prior plus local learning
-    has less regret than learning alone, and the ordering random > prior only holds too.
+    """Under device-level DP on 16 simulated people, the leave-one-out prior beats local learning alone.
+
+    Prior plus local learning has less regret than learning alone, and random > prior only holds too.
     """
     cfg = load_config(None, ["devices=16", "policy.history=600", "policy.decisions=200"])
     config = policy_config(cfg)
@@ -243,11 +244,11 @@ def test_federated_prior_with_personalisation_beats_local_learning() -> None:
 
 
 def test_a_deployed_device_shares_the_feedback_its_runtime_recorded(tmp_path: Path) -> None:
-    """With a device folder (deployment), the statistics come from `emofed device run`'s policy
-    state in the encrypted store; a device without feedback declines with a reason.
+    """A deployed device shares the policy state `emofed device run` keeps in its store.
+
+    A device without feedback declines with a reason.
     """
     from client.app import ERROR_UNUSABLE_DATA
-    from device.runtime import POLICY_OBJECT
     from policy.expression import HashingEncoder
     from policy.rules import Policy
     from simulations.users import run_policy
@@ -265,8 +266,8 @@ def test_a_deployed_device_shares_the_feedback_its_runtime_recorded(tmp_path: Pa
 
     policy = Policy(policy_config(cfg), encoder=HashingEncoder())
     run_policy(policy, simulated_person(cfg, "3"), decisions=40, seed=0)
-    with open_device_store(context) as store:
-        store.put_json(POLICY_OBJECT, policy.state_dict())
+    with DeviceStore.from_context(context).open_store() as store:
+        store.put_json(POLICY_STATE_OBJECT, policy.state_dict())
     reply = app(message, context)
     assert not reply.has_error(), reply.error
     sent = reply.content["arrays"][POLICY_STATISTICS_KEY].numpy()

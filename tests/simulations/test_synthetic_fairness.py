@@ -43,7 +43,7 @@ def central_data() -> tuple[TensorDataset, TensorDataset]:
         train, test = fed.device_split(d)
         train_raw += train
         test_raw += test
-    preprocess = MultimodalPreprocessor(ModelConfig())
+    preprocess = MultimodalPreprocessor(ModelConfig(kind="cnn"))
     (train, _), (test, _) = preprocess(train_raw), preprocess(test_raw)
     return train, test
 
@@ -127,7 +127,7 @@ def test_multimodal_network_learns_every_modality_and_fusion_helps(central_data)
     """The real network, trained centrally, beats chance with each modality and gains by fusion."""
     train, test = central_data
     torch.manual_seed(0)
-    config = ModelConfig()
+    config = ModelConfig(kind="cnn")
     model = build_model(config, device="cpu")
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     # The face and voice CNNs learn from scratch on ~540 samples; cosine decay settles
