@@ -36,6 +36,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     # Heavy imports only after the configuration is known to be good.
     from corpora.folder import FederationFolderError, read_federation
+    from models.features import check_public_space
     from policy.federated import check_catalogue
     from simulations.runner import SimulationError, run_simulation
 
@@ -44,6 +45,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             check_catalogue(cfg)
         except ConfigError as err:
             return fail(str(err))
+    try:
+        check_public_space(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        return fail(str(err))
 
     try:
         overrides = list(args.overrides)

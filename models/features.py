@@ -37,7 +37,7 @@ from opacus.grad_sample import register_grad_sampler
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from emofed.config import FeaturesConfig, ModelConfig, TextModelConfig
+from emofed.config import ConfigError, EmofedConfig, FeaturesConfig, ModelConfig, TextModelConfig
 from models.labels import NUM_CLASSES
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "FeatureHeadsNet",
     "ModalityProjection",
     "PublicFeatureSpace",
+    "check_public_space",
     "default_public_space",
     "fit_public_space",
 ]
@@ -244,6 +245,28 @@ def load_public_space(path: str) -> PublicFeatureSpace:
 def public_space_path(config: FeaturesConfig) -> Path:
     """``model.features.public``, or the packaged default."""
     return Path(config.public) if config.public else default_public_space()
+
+
+def check_public_space(cfg: EmofedConfig) -> None:
+    """Refuse a run whose devices could be the public people its feature space was fitted on.
+
+    Raises
+    ------
+    ConfigError
+        If ``model.kind=features``, the data are synthetic and the space's public synthetic
+        people share the run's seed (the devices would be those very people).
+    FileNotFoundError, ValueError
+        If the space file is missing or malformed.
+    """
+    if cfg.model.kind != "features":
+        return
+    space = load_public_space(str(public_space_path(cfg.model.features)))
+    provenance = space.provenance
+    if cfg.data.source == "synthetic" and provenance.get("source") == "synthetic" and provenance.get("seed") == cfg.seed:
+        raise ConfigError(
+            f"'seed': {cfg.seed} is the seed of the public synthetic people the feature space "
+            f"'model.features.public' was fitted on; the devices would be those people. Choose another seed."
+        )
 
 
 def fit_public_space(

@@ -40,3 +40,9 @@ def test_bad_pretrain_input_is_one_line(
     err = capsys.readouterr().err.strip()
     assert err == f"emofed: error: {message}"
     assert not out.exists()
+
+
+def test_a_run_whose_devices_are_the_public_people_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """The packaged space was fitted on seed 1000003's people: a synthetic run with that seed stops."""
+    assert main(["simulate", "seed=1000003"]) == 2
+    assert "is the seed of the public synthetic people" in capsys.readouterr().err
