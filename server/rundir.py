@@ -12,12 +12,13 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from privacy._atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -31,32 +32,15 @@ SUMMARY_FILE = "summary.json"
 FAILED_FILE = "FAILED"
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class RunDirectoryError(RuntimeError):
     """The run directory cannot be created or finalised."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file only."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    """Text variant of :func:`atomic_write_bytes` (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Replace ``path`` with UTF-8 ``text`` atomically (``privacy._atomic``), readable by others."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode=0o666)
 
 
 class RunDirectory:
@@ -108,7 +92,7 @@ class RunDirectory:
         from safetensors.numpy import save
 
         tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-        atomic_write_bytes(self.path / MODEL_FILE, save(tensors, metadata=dict(metadata)))
+        atomic_write_bytes(self.path / MODEL_FILE, save(tensors, metadata=dict(metadata)), mode=0o666)
         return self.final_path / MODEL_FILE
 
     def write_json(self, name: str, payload: Any) -> None:
