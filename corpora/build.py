@@ -9,7 +9,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -143,12 +143,7 @@ def import_corpus(
     _check_params(heldout_share, test_share, devices, alpha, max_file_bytes, min_identity_samples)
     min_samples = importer.min_identity_samples if min_identity_samples is None else min_identity_samples
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise FileNotFoundError(f"corpus folder not found: {src}")
-    check_output_folder(out)
-    src_abs, out_abs = src.resolve(), out.resolve()
-    if out_abs == src_abs or src_abs in out_abs.parents:
-        raise ValueError(f"the output folder {out} must not lie inside the corpus folder {src}.")
+    _check_folders(src, out)
 
     say = progress or (lambda message: None)
     started = time.perf_counter()
@@ -173,27 +168,11 @@ def import_corpus(
         report = _write(tmp, staging, layout.kept, plans, ctx, importer.name, src, out, partition)
         report.pooled_identities = layout.pooled
         report.seconds = time.perf_counter() - started
-        index = {
-            "format": FEDERATION_FORMAT,
-            "source": importer.name,
-            "labels": list(EMOTIONS),
-            "devices": [p.name for p in plans if not p.heldout],
-            "heldout": [p.name for p in plans if p.heldout],
-            "identities": {p.name: p.identities for p in plans if p.identities},
-            "seed": seed,
-            "import": {
-                "partition": partition,
-                "heldout_share": heldout_share,
-                "heldout_source": layout.heldout_source,
-                "test_share": test_share,
-                "devices": devices,
-                "alpha": alpha if partition == "dirichlet" else None,
-                "min_identity_samples": min_samples if partition == "identity" else None,
-                "max_file_bytes": max_file_bytes,
-            },
-            "label_mapping": dict(sorted(ctx.seen_labels.items())),
-            "report": report.to_dict(),
+        settings = {
+            "heldout_share": heldout_share, "test_share": test_share, "devices": devices, "alpha": alpha,
+            "min_identity_samples": min_samples, "max_file_bytes": max_file_bytes,
         }
+        index = _index(importer.name, ctx, layout, report, seed, settings)
         write_index(tmp, index)
     logger.info(
         "Imported %s: %d samples on %d devices (+%d held out) into %s",
@@ -201,6 +180,45 @@ def import_corpus(
     )
     say(f"{importer.name}: done, {report.samples} samples in {report.seconds:.1f} s")
     return report
+
+
+def _check_folders(src: Path, out: Path) -> None:
+    """The corpus folder exists; the output folder is new or empty and not inside it."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"corpus folder not found: {src}")
+    check_output_folder(out)
+    src_abs, out_abs = src.resolve(), out.resolve()
+    if out_abs == src_abs or src_abs in out_abs.parents:
+        raise ValueError(f"the output folder {out} must not lie inside the corpus folder {src}.")
+
+
+def _index(
+    name: str, ctx: ImportContext, layout: _Layout, report: ImportReport, seed: int, settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``federation.json`` of an imported corpus: devices, label set, settings and the report."""
+    plans, partition = layout.plans, layout.partition
+    return {
+        "format": FEDERATION_FORMAT,
+        "source": name,
+        # The emotions the corpus's label map can produce (public, not read from the data).
+        "labels": [e for e in EMOTIONS if e in set(ctx.mapping.values())],
+        "devices": [p.name for p in plans if not p.heldout],
+        "heldout": [p.name for p in plans if p.heldout],
+        "identities": {p.name: p.identities for p in plans if p.identities},
+        "seed": seed,
+        "import": {
+            "partition": partition,
+            "heldout_share": settings["heldout_share"],
+            "heldout_source": layout.heldout_source,
+            "test_share": settings["test_share"],
+            "devices": settings["devices"],
+            "alpha": settings["alpha"] if partition == "dirichlet" else None,
+            "min_identity_samples": settings["min_identity_samples"] if partition == "identity" else None,
+            "max_file_bytes": settings["max_file_bytes"],
+        },
+        "label_mapping": dict(sorted(ctx.seen_labels.items())),
+        "report": report.to_dict(),
+    }
 
 
 def _check_params(
