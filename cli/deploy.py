@@ -87,12 +87,12 @@ def cmd_device_start(args: argparse.Namespace) -> int:
         check_ca,
         check_data_folder,
         check_private_key,
-        device_keys,
         key_refused,
         refusal_reason,
         run_supernode,
         supernode_command,
     )
+    from device.layout import device_key_paths, supernode_log_path
     from server.coordinator import check_device_name
 
     device_dir = Path(args.device_dir)
@@ -106,7 +106,7 @@ def cmd_device_start(args: argparse.Namespace) -> int:
             _warn_insecure("WARNING: --insecure: this device does not authenticate itself (Flower needs TLS for it).")
             ca = None
         else:
-            check_private_key(device_keys(device_dir)[0])
+            check_private_key(device_key_paths(device_dir)[0])
             if not args.ca:
                 return fail("give --ca FILE (the coordinator's ca.crt), or --insecure for a plain-text test setup")
             ca = Path(args.ca)
@@ -157,9 +157,9 @@ def cmd_device_start(args: argparse.Namespace) -> int:
         return 0
     reason = refusal_reason(tail, superlink=args.superlink, max_wait=args.max_wait)
     if reason is not None:
-        return fail(f"{reason} (log: {device_dir / 'supernode.log'})", code=1)
+        return fail(f"{reason} (log: {supernode_log_path(device_dir)})", code=1)
     if code != 0:
-        return fail(f"SuperNode exited with code {code} (log: {device_dir / 'supernode.log'})", code=1)
+        return fail(f"SuperNode exited with code {code} (log: {supernode_log_path(device_dir)})", code=1)
     return 0
 
 

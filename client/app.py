@@ -52,8 +52,9 @@ from client.dp import (
     DPSGDSettings,
     check_device_delta,
     clip_update,
+    plan_device_budget,
     plan_dp_sgd,
-    round_noise_multiplier,
+    release_privately,
     user_clipping_norm,
 )
 from client.personal import existing_device_store, personal_arrays_in, personalise
@@ -85,7 +86,6 @@ from emofed.protocol import (
 from models import NUM_CLASSES, MultimodalEmotionNet, build_model, get_state, set_state
 from policy.federated import (
     policy_config,
-    policy_event,
     prior_size,
     statistics_from_state,
     statistics_size,
@@ -322,7 +322,6 @@ def _train(
     proximal_mu = float(config.get("proximal-mu", 0.0))
     # Everything that can refuse the round is settled before training.
     clipping_norm = user_clipping_norm(config) if cfg.privacy.user.enabled else None
-    privacy: DevicePrivacy | None = None
     settings: DPSGDSettings | None = None
     if cfg.privacy.device.enabled:
         server_round = _server_round(config)
@@ -330,55 +329,53 @@ def _train(
         plan = plan_dp_sgd(
             len(data), batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs
         )
-        settings = DPSGDSettings(
-            plan=plan,
-            noise_multiplier=round_noise_multiplier(
-                cfg.privacy.device,
-                delta=cfg.privacy.delta,
-                accountant=cfg.privacy.accountant,
-                rounds=cfg.rounds,
-                plan=plan,
-                planned=[e for e in (policy_event(cfg),) if e is not None],
-            ),
-            max_grad_norm=cfg.privacy.device.max_grad_norm,
-            secure_mode=cfg.privacy.secure_mode,
-        )
-        privacy = DevicePrivacy.open(DeviceStore.from_context(context), cfg.privacy)
-        privacy.check(settings.event, server_round=server_round)
+        settings = plan_device_budget(cfg, plan).dp_sgd
 
-    result = train_local(
-        model,
-        data,
-        cfg=cfg.train,
-        aux_weight=cfg.model.fusion.aux_weight,
-        device=device,
-        seed=_seed(cfg, msg, context) if privacy is None else privacy.noise_seed(cfg.seed, server_round),
-        proximal_mu=proximal_mu,
-        dp=settings,
-    )
-    updated = get_state(model, list(arrays.keys()))
-    metrics: dict[str, Any] = {
-        "num-examples": len(data), "train-loss": result.loss, "steps": result.steps
-    }
-    if clipping_norm is not None:
-        received = {k: a.numpy() for k, a in arrays.items()}
-        metrics["update-clipped"] = int(clip_update(updated, received, clipping_norm=clipping_norm))
-    ledger = None
-    if privacy is not None and settings is not None:
-        # Spent and signed before anything leaves; if this raises, only the decline does.
-        metrics["dp-epsilon"] = privacy.record(
-            settings.event,
-            server_round=server_round,
-            clipping_norm=settings.max_grad_norm,
-            extra={
-                "examples": len(data),
-                "batch_size": cfg.train.batch_size,
-                "local_epochs": cfg.train.local_epochs,
-            },
+    def train_and_clip(seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        result = train_local(
+            model,
+            data,
+            cfg=cfg.train,
+            aux_weight=cfg.model.fusion.aux_weight,
+            device=device,
+            seed=seed,
+            proximal_mu=proximal_mu,
+            dp=settings,
         )
-        metrics["dp-noise-multiplier"] = settings.noise_multiplier
-        metrics["dp-sample-rate"] = settings.plan.sample_rate
-        ledger = privacy.ledger_record()
+        updated = get_state(model, list(arrays.keys()))
+        metrics: dict[str, Any] = {
+            "num-examples": len(data), "train-loss": result.loss, "steps": result.steps
+        }
+        if clipping_norm is not None:
+            received = {k: a.numpy() for k, a in arrays.items()}
+            metrics["update-clipped"] = int(clip_update(updated, received, clipping_norm=clipping_norm))
+        return updated, metrics
+
+    ledger = None
+    if settings is None:
+        updated, metrics = train_and_clip(_seed(cfg, msg, context))
+    else:
+        dp_sgd = settings
+        privacy = DevicePrivacy.open(DeviceStore.from_context(context), cfg.privacy)
+        extra = {
+            "examples": len(data),
+            "batch_size": cfg.train.batch_size,
+            "local_epochs": cfg.train.local_epochs,
+        }
+        released = release_privately(
+            privacy,
+            dp_sgd.event,
+            server_round=server_round,
+            mechanism=lambda: (
+                train_and_clip(privacy.noise_seed(cfg.seed, server_round)),
+                dp_sgd.max_grad_norm,
+                extra,
+            ),
+        )
+        (updated, metrics), ledger = released.value, released.ledger
+        metrics["dp-epsilon"] = released.epsilon
+        metrics["dp-noise-multiplier"] = dp_sgd.noise_multiplier
+        metrics["dp-sample-rate"] = dp_sgd.plan.sample_rate
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in updated.items()}),
@@ -482,28 +479,30 @@ def _train_policy(msg: Message, context: Context) -> Message:
     vector = stats.to_vector()
     metrics: dict[str, Any] = {}
     ledger = None
-    event = policy_event(cfg)
+    event = plan_device_budget(cfg).policy_release
     if event is not None:
         server_round = _server_round(msg.content["config"])
         privacy = DevicePrivacy.open(DeviceStore.from_context(context), cfg.privacy)
-        privacy.check(event, server_round=server_round)
-        seed = secrets.randbits(128) if cfg.privacy.secure_mode else privacy.noise_seed("policy", cfg.seed, server_round)
-        noised, params = privatise_events(
-            stats,
-            noise_multiplier=event.noise_multiplier,
-            reward_bound=policy_config(cfg).feedback.reward_bound,
-            rng=np.random.default_rng(seed),
-            feature_bound=SHARED_NORM_BOUND,
-        )
-        # Spent and signed before anything leaves; if this raises, only the decline does.
-        metrics["dp-epsilon"] = privacy.record(
-            event,
-            server_round=server_round,
-            clipping_norm=params["sensitivity"],
-            extra={"policy_statistics": 1, "dimension": params["dimension"]},
-        )
-        ledger = privacy.ledger_record()
-        vector = noised.to_vector()
+
+        def privatise() -> tuple[PolicyStatistics, float, dict[str, int | float]]:
+            seed = (
+                secrets.randbits(128)
+                if cfg.privacy.secure_mode
+                else privacy.noise_seed("policy", cfg.seed, server_round)
+            )
+            noised, params = privatise_events(
+                stats,
+                noise_multiplier=event.noise_multiplier,
+                reward_bound=policy_config(cfg).feedback.reward_bound,
+                rng=np.random.default_rng(seed),
+                feature_bound=SHARED_NORM_BOUND,
+            )
+            return noised, params["sensitivity"], {"policy_statistics": 1, "dimension": params["dimension"]}
+
+        released = release_privately(privacy, event, server_round=server_round, mechanism=privatise)
+        metrics["dp-epsilon"] = released.epsilon
+        ledger = released.ledger
+        vector = released.value.to_vector()
     content = RecordDict(
         {
             "arrays": ArrayRecord({POLICY_STATISTICS_KEY: Array(np.ascontiguousarray(vector, dtype=np.float64))}),

@@ -9,12 +9,15 @@ its encrypted store, which is the source of truth: it survives process restarts 
 deployed device and Ray worker reuse in simulation, and the server receives the same
 chain.
 
-Per round, in this order (no release can exceed the budget)::
+The budget is split once, by :func:`plan_device_budget` (DP-SGD every round, then one
+policy release). Every release, a model update or the policy statistics, goes through
+:func:`release_privately`, in this order (no release can exceed the budget)::
 
     privacy = DevicePrivacy.open(store, cfg.privacy)      # verify ledger, rebuild accountant
-    privacy.check(event, server_round=r)                   # raises before any training
-    ... DP-SGD with exactly `event` (private_training) ...
+    privacy.check(event, server_round=r)                   # raises before any noise is drawn
+    ... the mechanism, with exactly `event` ...
     epsilon = privacy.record(event, ...)                   # spend, then sign into the ledger
+    privacy.ledger_record()                                # the chain that ships with it
 
 Everything a device keeps for its privacy lives in its encrypted store
 (:mod:`device.store`, ``<device folder>/store``, keyed by ``keys/store.key``; see
@@ -41,11 +44,11 @@ import math
 import secrets
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -59,8 +62,8 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
-from device.layout import LEDGER_KEY_OBJECT as KEY_OBJECT
 from device.layout import (
+    LEDGER_KEY_OBJECT,
     LEGACY_LEDGER_DIR,
     ledger_chain_object,
     legacy_key_path,
@@ -70,7 +73,7 @@ from device.layout import (
     store_path,
 )
 from device.store import EncryptedStore, StoreError, StoreNotFound, StoreTampered
-from emofed.config import DeviceDPConfig, PrivacyConfig
+from emofed.config import EmofedConfig, PrivacyConfig
 from emofed.protocol import (
     CLIPPING_NORM_KEY,
     DEVICE_DIR_KEY,
@@ -78,6 +81,7 @@ from emofed.protocol import (
     DEVICE_ROOT_KEY,
     simulated_device_root,
 )
+from policy.federated import policy_event
 from privacy.accounting import PrivacyEvent, calibrate_noise_beside
 from privacy.budget import BudgetedAccountant, PrivacyBudget
 from privacy.errors import LedgerTampered, PrivacyBudgetExceeded
@@ -247,7 +251,7 @@ class DeviceStore:
         """
         try:
             with self.open_store(create=False) as store:
-                if KEY_OBJECT not in store:
+                if LEDGER_KEY_OBJECT not in store:
                     raise FileNotFoundError(
                         f"Device {self.device_id} has no ledger key in its store "
                         f"{self.store_path} yet."
@@ -268,10 +272,10 @@ def _read_ledger_key(store: EncryptedStore) -> Ed25519PrivateKey:
         If the object fails authentication or does not hold an Ed25519 key.
     """
     try:
-        return private_key_from_bytes(store.get_bytes(KEY_OBJECT))
+        return private_key_from_bytes(store.get_bytes(LEDGER_KEY_OBJECT))
     except (TypeError, ValueError):
         raise StoreTampered(
-            f"Object {KEY_OBJECT!r} in device store {store.path} is not an Ed25519 private key."
+            f"Object {LEDGER_KEY_OBJECT!r} in device store {store.path} is not an Ed25519 private key."
         ) from None
 
 
@@ -292,10 +296,10 @@ def _load_ledger_key(device: DeviceStore, store: EncryptedStore) -> Ed25519Priva
         If a plaintext key to import is accessible by group or others.
     """
     legacy = device.legacy_key_path
-    if KEY_OBJECT in store and not legacy.exists():  # every round but the first: no lock
+    if LEDGER_KEY_OBJECT in store and not legacy.exists():  # every round but the first: no lock
         return _read_ledger_key(store)
     with store.locked():
-        if KEY_OBJECT in store:
+        if LEDGER_KEY_OBJECT in store:
             key = _read_ledger_key(store)
             if legacy.exists():
                 if fingerprint(load_private_key(legacy)) != fingerprint(key):
@@ -308,7 +312,7 @@ def _load_ledger_key(device: DeviceStore, store: EncryptedStore) -> Ed25519Priva
             return key
         if legacy.exists():
             key = load_private_key(legacy)
-            store.put_bytes(KEY_OBJECT, private_key_to_bytes(key))  # the commit point
+            store.put_bytes(LEDGER_KEY_OBJECT, private_key_to_bytes(key))  # the commit point
             legacy.unlink()
             logger.info(
                 "Device %s: moved its ledger key %s into its encrypted store (fingerprint %s)",
@@ -316,7 +320,7 @@ def _load_ledger_key(device: DeviceStore, store: EncryptedStore) -> Ed25519Priva
             )
             return key
         key = generate_private_key()
-        store.put_bytes(KEY_OBJECT, private_key_to_bytes(key))
+        store.put_bytes(LEDGER_KEY_OBJECT, private_key_to_bytes(key))
         logger.debug(
             "Device %s: created its ledger key (fingerprint %s)",
             device.device_id, fingerprint(key)[:16],
@@ -476,41 +480,6 @@ def check_device_delta(delta: float, *, num_examples: int) -> None:
         )
 
 
-def round_noise_multiplier(
-    device: DeviceDPConfig,
-    *,
-    delta: float,
-    accountant: str,
-    rounds: int,
-    plan: DPSGDPlan,
-    planned: Sequence[PrivacyEvent] = (),
-) -> float:
-    """σ of this round's DP-SGD: the configured one, or one calibrated over the planned run.
-
-    Calibrated before training over ``rounds × plan.steps`` steps, so a device trained
-    every round spends at most its budget by the last round (Abadi et al. 2016,
-    "Deep Learning with Differential Privacy", §3.1; the accountant composes the
-    sampled Gaussian mechanism, Mironov et al. 2019). Releases in ``planned`` (the
-    policy statistics, ``policy.federated``) are composed in, so DP-SGD and they
-    together spend at most the budget.
-
-    Raises
-    ------
-    ValueError
-        If the target cannot be met.
-    """
-    if device.noise_multiplier is not None:
-        return float(device.noise_multiplier)
-    return calibrate_noise_beside(
-        target_epsilon=device.epsilon,
-        delta=delta,
-        sample_rate=plan.sample_rate,
-        steps=rounds * plan.steps,
-        planned=planned,
-        accountant=accountant,
-    )
-
-
 @dataclass(frozen=True, kw_only=True)
 class DPSGDSettings:
     """Everything one round of DP-SGD needs; ``event`` is what it releases."""
@@ -528,6 +497,76 @@ class DPSGDSettings:
             sample_rate=self.plan.sample_rate,
             steps=self.plan.steps,
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceBudgetPlan:
+    """How one device spends its budget over the run: DP-SGD every round, one policy release.
+
+    Attributes
+    ----------
+    dp_sgd : DPSGDSettings or None
+        One round of DP-SGD; None without device-level DP or when no data plan was given
+        (the policy handler, which needs only the release).
+    policy_release : PrivacyEvent or None
+        The release of the policy statistics (``policy.federated.policy_event``); None
+        without device-level DP or without the policy prior.
+    """
+
+    dp_sgd: DPSGDSettings | None
+    policy_release: PrivacyEvent | None
+
+
+def plan_device_budget(cfg: EmofedConfig, plan: DPSGDPlan | None = None) -> DeviceBudgetPlan:
+    """Split the device's budget between DP-SGD and the policy release; the one place that does.
+
+    The policy release is one Gaussian mechanism of its own ε (``policy.federated.policy_event``).
+    DP-SGD's σ is ``privacy.device.noise_multiplier``, or calibrated before training over
+    ``cfg.rounds × plan.steps`` steps with the policy release composed in, so a device trained
+    every round and then releasing its policy statistics spends at most its budget (Abadi
+    et al. 2016, "Deep Learning with Differential Privacy", §3.1; the accountant composes
+    the sampled Gaussian mechanism, Mironov et al. 2019).
+
+    Parameters
+    ----------
+    cfg : EmofedConfig
+        The run's configuration.
+    plan : DPSGDPlan, optional
+        This device's sampling of one round; None plans the policy release alone.
+
+    Returns
+    -------
+    DeviceBudgetPlan
+        DP-SGD's settings (None without ``plan``) and the policy release.
+
+    Raises
+    ------
+    ValueError
+        If the target cannot be met.
+    """
+    device = cfg.privacy.device
+    if not device.enabled:
+        return DeviceBudgetPlan(dp_sgd=None, policy_release=None)
+    release = policy_event(cfg)
+    if plan is None:
+        return DeviceBudgetPlan(dp_sgd=None, policy_release=release)
+    sigma = device.noise_multiplier
+    if sigma is None:
+        sigma = calibrate_noise_beside(
+            target_epsilon=device.epsilon,
+            delta=cfg.privacy.delta,
+            sample_rate=plan.sample_rate,
+            steps=cfg.rounds * plan.steps,
+            planned=[release] if release is not None else [],
+            accountant=cfg.privacy.accountant,
+        )
+    settings = DPSGDSettings(
+        plan=plan,
+        noise_multiplier=float(sigma),
+        max_grad_norm=device.max_grad_norm,
+        secure_mode=cfg.privacy.secure_mode,
+    )
+    return DeviceBudgetPlan(dp_sgd=settings, policy_release=release)
 
 
 # -- the cumulative accountant -------------------------------------------------------
@@ -708,6 +747,47 @@ class DevicePrivacy:
         if record is None:
             raise RuntimeError(f"Device {self.store.device_id}'s ledger is empty: nothing to ship.")
         return record
+
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Release(Generic[R]):
+    """What a private release produced, the cumulative ε it brought and the chain to ship."""
+
+    value: R
+    epsilon: float
+    ledger: ConfigRecord
+
+
+def release_privately(
+    privacy: DevicePrivacy,
+    event: PrivacyEvent,
+    *,
+    server_round: int,
+    mechanism: Callable[[], tuple[R, float, Mapping[str, int | float]]],
+) -> Release[R]:
+    """The one release sequence of a device: check, release, record, ledger entry.
+
+    ``mechanism`` is run only once ``event`` fits the budget, and must draw exactly the
+    noise of ``event``; it returns its result, the clipping norm (sensitivity) it used and
+    the extra fields of the ledger entry. The release is spent and signed before anything
+    leaves: if recording raises, nothing of the result may be sent.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        If ``event`` would exceed the budget, before the mechanism or at recording.
+    ValueError
+        If ``server_round`` is before a round already in the ledger.
+    """
+    privacy.check(event, server_round=server_round)
+    value, clipping_norm, extra = mechanism()
+    epsilon = privacy.record(
+        event, server_round=server_round, clipping_norm=clipping_norm, extra=extra
+    )
+    return Release(value=value, epsilon=epsilon, ledger=privacy.ledger_record())
 
 
 # -- DP-SGD ------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from torch.utils.data import TensorDataset
 
 from client.dp import DeviceStore
 from client.train import evaluate_local
-from device.layout import PERSONAL_OBJECT, STORE_DIR, STORE_KEY_FILE, has_store
+from device.layout import PERSONAL_OBJECT, has_store
 from device.store import EncryptedStore
 from emofed.config import PersonalConfig
 from models import emotion_loss, get_state, set_state, shared_state_keys
@@ -43,9 +43,6 @@ from models import emotion_loss, get_state, set_state, shared_state_keys
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "PERSONAL_OBJECT",
-    "STORE_DIR",
-    "STORE_KEY_FILE",
     "FineTuneResult",
     "existing_device_store",
     "fine_tune",
@@ -56,9 +53,6 @@ __all__ = [
     "save_personal",
     "swapped",
 ]
-
-# PERSONAL_OBJECT (the layers' object in the device's encrypted store), STORE_DIR and
-# STORE_KEY_FILE are device.layout's, re-exported for older imports.
 
 
 def personal_keys(model: nn.Module, layers: Collection[str]) -> list[str]:

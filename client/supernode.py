@@ -21,8 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from device.layout import device_key_paths as device_keys
-from device.layout import flower_home, supernode_log_path
+from device.layout import device_key_paths, flower_home, supernode_log_path
 from emofed.flower import flower_bin, flower_env, free_port, stop_group, toml_string
 from privacy.certs import create_device_keys
 
@@ -57,7 +56,7 @@ class DataCheck:
 
 def ensure_device_keys(device_dir: Path) -> tuple[Path, bool]:
     """The device's public key, creating the key pair on first use; and whether it was new."""
-    private, public = device_keys(device_dir)
+    private, public = device_key_paths(device_dir)
     if private.exists() and public.exists():
         return public, False
     if private.exists() != public.exists():
@@ -150,7 +149,7 @@ def supernode_command(
     DeviceSetupError
         If a path holds a double quote, which Flower's ``--node-config`` cannot carry.
     """
-    private, _ = device_keys(device_dir)
+    private, _ = device_key_paths(device_dir)
     for path in (data, device_dir):
         if '"' in str(path.resolve()):
             raise DeviceSetupError(f"{path}: a path with a double quote cannot be passed to Flower; rename it")

@@ -71,7 +71,6 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "EVENT_KEYS",
-    "POLICY_OBJECT",
     "STAGES",
     "CachedEmbedder",
     "DeviceRuntimeError",
@@ -88,7 +87,6 @@ logger = logging.getLogger(__name__)
 
 _EMBEDDED: dict[tuple[str, str], np.ndarray] = {}  # (encoder, text) -> embedding, this process
 
-POLICY_OBJECT = POLICY_STATE_OBJECT  # the name older imports use (device.layout's)
 STAGES = ("capture", "preprocess", "recognise", "policy", "express", "store")
 EVENT_KEYS = (
     "type", "id", "window", "timestamp", "modalities", "emotion", "by_modality", "smoothed",

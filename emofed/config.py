@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -380,36 +380,85 @@ def _unfreeze(node: DictConfig) -> None:
             _unfreeze(child)
 
 
-def _known_keys(prefix: str) -> list[str]:
-    schema = OmegaConf.structured(EmofedConfig)
-    node = OmegaConf.select(schema, prefix) if prefix else schema
+def _known_keys(prefix: str, schema: type = EmofedConfig) -> list[str]:
+    root = OmegaConf.structured(schema)
+    node = OmegaConf.select(root, prefix) if prefix else root
     return sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
 
 
-def _one_line(err: OmegaConfBaseException, source: str) -> ConfigError:
+def one_line_error(
+    err: OmegaConfBaseException, source: str, schema: type = EmofedConfig
+) -> ConfigError:
+    """The one-line :class:`ConfigError` of an omegaconf error while reading ``schema``.
+
+    An unknown key lists the known keys beside it (of the dataclass that holds it, for
+    an item of a list); any other error (a wrong type, an unparsable value) names the key.
+    """
     key = getattr(err, "full_key", "") or ""
     if isinstance(err, ConfigKeyError):
-        parent, _, leaf = key.rpartition(".")
-        known = ", ".join(_known_keys(parent))
-        where = f"under '{parent}'" if parent else "at the top level"
-        return ConfigError(f"{source}: unknown key '{key}' (known keys {where}: {known})")
+        parent = key.rpartition(".")[0]
+        owner = getattr(err, "object_type", None)
+        known = _known_keys(parent, schema) if parent or owner in (None, schema) else []
+        if parent:
+            where = f"under '{parent}'"
+        elif owner is None or owner is schema:
+            where = "at the top level"
+        else:
+            where = f"in {getattr(owner, '__name__', owner)}"
+        if not known and is_dataclass(owner):
+            known = [f.name for f in fields(owner)]
+        return ConfigError(f"{source}: unknown key '{key}' (known keys {where}: {', '.join(known)})")
     detail = str(err).splitlines()[0]
     return ConfigError(f"{source}: bad value for '{key}': {detail}")
 
 
-def _check_ranges(cfg: DictConfig) -> None:
-    for key, allowed in _CHOICES.items():
+def _one_line(err: OmegaConfBaseException, source: str) -> ConfigError:
+    return one_line_error(err, source, EmofedConfig)
+
+
+def check_values(
+    cfg: DictConfig,
+    *,
+    choices: Mapping[str, Sequence[str]],
+    ranges: Mapping[str, tuple[float | None, float | None]],
+) -> None:
+    """Check dotted keys of ``cfg`` against allowed values and inclusive ranges (None: unbounded).
+
+    Raises
+    ------
+    ConfigError
+        One line naming the first key out of its choices or range, what is allowed and
+        the value found.
+    """
+    for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(
                 f"'{key}' must be one of {', '.join(allowed)}. Found {value!r}."
             )
-    for key, (low, high) in _RANGES.items():
+    for key, (low, high) in ranges.items():
         value = OmegaConf.select(cfg, key)
         if value is None:
             continue
         if (low is not None and value < low) or (high is not None and value > high):
             raise ConfigError(f"'{key}' must be in [{low}, {high}]. Found {value!r}.")
+
+
+def check_subset(key: str, names: Sequence[str], known: Sequence[str]) -> None:
+    """Refuse a name in ``names`` that is not in ``known``.
+
+    Raises
+    ------
+    ConfigError
+        One line naming ``key``, the known names and the first unknown one.
+    """
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"'{key}' must name only {', '.join(known)}. Found {unknown[0]!r}.")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    check_values(cfg, choices=_CHOICES, ranges=_RANGES)
 
 
 def _check_consistency(cfg: EmofedConfig) -> None:
@@ -495,14 +544,27 @@ def _check_secagg(cfg: EmofedConfig) -> None:
         )
 
 
-def _merge(schema: DictConfig, layers: Sequence[tuple[str, DictConfig]]) -> DictConfig:
+def merge_layers(
+    schema: DictConfig, layers: Sequence[tuple[str, DictConfig]], cls: type = EmofedConfig
+) -> DictConfig:
+    """Merge (source, layer) pairs from :func:`read_layers` into the structured config of ``cls``.
+
+    Raises
+    ------
+    ConfigError
+        On an unknown key or a value of the wrong type; one line naming the source and the key.
+    """
     merged = schema
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
-            raise _one_line(err, source) from None
+            raise one_line_error(err, source, cls) from None
     return merged
+
+
+def _merge(schema: DictConfig, layers: Sequence[tuple[str, DictConfig]]) -> DictConfig:
+    return merge_layers(schema, layers, EmofedConfig)
 
 
 def _preset_layer(name: str) -> tuple[str, DictConfig]:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emofed.config import ConfigError
+from emofed.config import ConfigError, check_subset
 from models.labels import EMOTIONS
 
 __all__ = [
@@ -104,30 +104,18 @@ class ExpressionConfig:
         object.__setattr__(self, "blendshapes", tuple(self.blendshapes))
 
 
-def _subset(key: str, names: Sequence[str], known: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ConfigError(f"'{key}' must name only {', '.join(known)}. Found {unknown[0]!r}.")
-
-
 def check_message_config(cfg: MessageConfig, actions: Sequence[str], *, quiet_action: str) -> None:
     """Check the message bank against the action catalogue.
+
+    Its numeric ranges are checked with the rest of the catalogue's (``policy.rules``).
 
     Raises
     ------
     ConfigError
-        (a ``ValueError``) naming the first offending key: a range, an unknown emotion or
-        action, a duplicate id, an empty text, or an action without an untagged message.
+        (a ``ValueError``) naming the first offending key: an unknown emotion or action,
+        a duplicate id, an empty text, or an action without an untagged message.
     """
-    for key, value, low, high in (
-        ("tag_weight", cfg.tag_weight, 0.0, 10.0),
-        ("dismissed_penalty", cfg.dismissed_penalty, 0.0, 10.0),
-        ("recent_penalty", cfg.recent_penalty, 0.0, 10.0),
-        ("recent_window", cfg.recent_window, 0, 1000),
-    ):
-        if not low <= value <= high:
-            raise ConfigError(f"'messages.{key}' must be in [{low}, {high}]. Found {value!r}.")
-    _subset("messages.emotion_phrases", list(cfg.emotion_phrases), EMOTIONS)
+    check_subset("messages.emotion_phrases", list(cfg.emotion_phrases), EMOTIONS)
     try:
         cfg.query_template.format(feeling="", action="")
     except (KeyError, IndexError, ValueError):
@@ -138,12 +126,12 @@ def check_message_config(cfg: MessageConfig, actions: Sequence[str], *, quiet_ac
     if not all(ids) or len(set(ids)) != len(ids):
         raise ConfigError("'messages.bank' ids must be non-empty and unique.")
     for message in cfg.bank:
-        _subset(
+        check_subset(
             f"messages.bank.{message.id}.action",
             [message.action],
             [n for n in actions if n != quiet_action],
         )
-        _subset(f"messages.bank.{message.id}.emotions", message.emotions, EMOTIONS)
+        check_subset(f"messages.bank.{message.id}.emotions", message.emotions, EMOTIONS)
         if not message.text.strip():
             raise ConfigError(f"'messages.bank.{message.id}.text' must not be empty.")
     # An untagged message per action guarantees a candidate whatever the emotion.
@@ -166,18 +154,15 @@ def check_expression_config(cfg: ExpressionConfig, actions: Sequence[str]) -> No
     ConfigError
         (a ``ValueError``) naming the first offending key.
     """
-    for key, value in (("emotion_weight", cfg.emotion_weight), ("action_weight", cfg.action_weight)):
-        if not 0.0 <= value <= 10.0:
-            raise ConfigError(f"'expression.{key}' must be in [0.0, 10.0]. Found {value!r}.")
     if not cfg.blendshapes or len(set(cfg.blendshapes)) != len(cfg.blendshapes):
         raise ConfigError(
             f"'expression.blendshapes' must be non-empty and unique. Found {list(cfg.blendshapes)}."
         )
-    _subset("expression.emotions", list(cfg.emotions), EMOTIONS)
-    _subset("expression.actions", list(cfg.actions), actions)
+    check_subset("expression.emotions", list(cfg.emotions), EMOTIONS)
+    check_subset("expression.actions", list(cfg.actions), actions)
     for section, table in (("emotions", cfg.emotions), ("actions", cfg.actions)):
         for row, weights in table.items():
-            _subset(f"expression.{section}.{row}", list(weights), cfg.blendshapes)
+            check_subset(f"expression.{section}.{row}", list(weights), cfg.blendshapes)
             for name, weight in weights.items():
                 if not 0.0 <= weight <= 1.0:
                     raise ConfigError(

@@ -72,7 +72,7 @@ def check_catalogue(cfg: EmofedConfig) -> None:
     """
     try:
         policy_config(cfg)
-    except (ConfigError, TypeError) as err:
+    except ConfigError as err:
         raise ConfigError(f"'policy.config_dir': {err}") from None
 
 

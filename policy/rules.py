@@ -36,10 +36,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from emofed.config import ConfigError, open_schema, read_layers
+from emofed.config import (
+    ConfigError,
+    check_subset,
+    check_values,
+    merge_layers,
+    one_line_error,
+    open_schema,
+    read_layers,
+)
 from models.labels import EMOTIONS
 from policy.expression import (
     AvatarExpressions,
@@ -147,8 +155,9 @@ class PolicyConfig:
         return tuple(a.name for a in self.actions)
 
 
-# Inclusive ranges checked once, at the edge.
-_RANGES: dict[str, tuple[float, float]] = {
+# Allowed values, checked once at the edge by emofed.config's checks. Ranges are inclusive.
+_CHOICES: dict[str, tuple[str, ...]] = {"bandit.kind": tuple(BANDITS)}
+_RANGES: dict[str, tuple[float | None, float | None]] = {
     "state.half_life_s": (1.0, 1e7),
     "state.utc_offset_s": (-86_400, 86_400),
     "state.recency_scale_s": (1.0, 1e7),
@@ -165,62 +174,38 @@ _RANGES: dict[str, tuple[float, float]] = {
     "bandit.max_pending": (1, 100_000),
     "feedback.mood_weight": (0.0, 100.0),
     "feedback.reward_bound": (1e-6, 1e6),
+    "messages.tag_weight": (0.0, 10.0),
+    "messages.dismissed_penalty": (0.0, 10.0),
+    "messages.recent_penalty": (0.0, 10.0),
+    "messages.recent_window": (0, 1000),
+    "expression.emotion_weight": (0.0, 10.0),
+    "expression.action_weight": (0.0, 10.0),
 }
 
 
-def _one_line(err: OmegaConfBaseException, source: str) -> Exception:
-    key = getattr(err, "full_key", "") or getattr(err, "key", "") or "?"
-    owner = getattr(err, "object_type", None)
-    where = f" (in {owner.__name__})" if isinstance(owner, type) else ""
-    if isinstance(err, ConfigKeyError):
-        known = ""
-        if isinstance(owner, type) and dataclasses.is_dataclass(owner):
-            known = f"; known keys: {', '.join(f.name for f in dataclasses.fields(owner))}"
-        return ConfigError(f"{source}: unknown key '{key}'{where}{known}")
-    detail = str(err).splitlines()[0]
-    if isinstance(err, ValidationError):
-        return TypeError(f"{source}: wrong type for '{key}'{where}: {detail}")
-    return ConfigError(f"{source}: bad value for '{key}'{where}: {detail}")
-
-
-def _subset(key: str, names: Sequence[str], known: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ConfigError(f"'{key}' must name only {', '.join(known)}. Found {unknown[0]!r}.")
-
-
 def _check(cfg: PolicyConfig) -> None:
-    """Ranges and cross-references that types alone cannot express."""
-    for key, (low, high) in _RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if not low <= value <= high:
-            raise ConfigError(f"'{key}' must be in [{low}, {high}]. Found {value!r}.")
-    if cfg.bandit.kind not in BANDITS:
-        raise ConfigError(
-            f"'bandit.kind' must be one of {', '.join(BANDITS)}. Found {cfg.bandit.kind!r}."
-        )
+    """Cross-references that types and ranges alone cannot express."""
     names = cfg.action_names
     if not names or len(set(names)) != len(names) or not all(names):
         raise ConfigError(
             f"'actions' must be a non-empty list of uniquely named actions. Found {list(names)}."
         )
     for action in cfg.actions:
-        _subset(f"actions.{action.name}.emotions", action.emotions, EMOTIONS)
+        check_subset(f"actions.{action.name}.emotions", action.emotions, EMOTIONS)
         if action.cooldown_s < 0:
             raise ConfigError(
                 f"'actions.{action.name}.cooldown_s' must be >= 0. Found {action.cooldown_s}."
             )
     safety = cfg.safety
-    _subset("safety.quiet_action", [safety.quiet_action], names)
-    _subset("safety.safety_action", [safety.safety_action], names)
+    check_subset("safety.quiet_action", [safety.quiet_action], names)
+    check_subset("safety.safety_action", [safety.safety_action], names)
     if safety.quiet_action == safety.safety_action:
         raise ConfigError(
             f"'safety.safety_action' must differ from the quiet action. Found {safety.safety_action!r}."
         )
     if not safety.distress_emotions:
         raise ConfigError("'safety.distress_emotions' must name at least one emotion. Found [].")
-    _subset("safety.distress_emotions", safety.distress_emotions, EMOTIONS)
+    check_subset("safety.distress_emotions", safety.distress_emotions, EMOTIONS)
     bound, rewards = cfg.feedback.reward_bound, cfg.feedback.rewards
     if "none" not in rewards:
         raise ConfigError(
@@ -240,6 +225,10 @@ def load_policy_config(
 ) -> PolicyConfig:
     """Read ``actions.yaml``, ``messages.yaml`` and ``expressions.yaml`` into a validated config.
 
+    The same path as :func:`emofed.config.load_config`: YAML layers and ``key=value``
+    overrides merged into the structured config, then choices and ranges, then the
+    cross-references.
+
     Parameters
     ----------
     directory : str or Path, optional
@@ -255,23 +244,17 @@ def load_policy_config(
     Raises
     ------
     ConfigError
-        (a ``ValueError``) On a missing file, an unknown key or a value out of range; one
-        line naming the key.
-    TypeError
-        On a value of the wrong type; one line naming the key.
+        (a ``ValueError``) On a missing file, an unknown key, a wrong type or a value out
+        of range; one line naming the key, what is allowed and the value found.
     """
     directory = Path(directory) if directory is not None else POLICY_CONFIG_DIR
-    merged: DictConfig = open_schema(PolicyConfig)
     layers = read_layers([directory / name for name in POLICY_FILES], overrides)
-    for source, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as err:
-            raise _one_line(err, source) from None
+    merged = merge_layers(open_schema(PolicyConfig), layers, PolicyConfig)
+    check_values(merged, choices=_CHOICES, ranges=_RANGES)
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise _one_line(err, str(directory)) from None
+        raise one_line_error(err, str(directory), PolicyConfig) from None
     if not isinstance(cfg, PolicyConfig):  # pragma: no cover - omegaconf contract
         raise ConfigError("policy configuration did not resolve to PolicyConfig")
     _check(cfg)

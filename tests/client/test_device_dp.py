@@ -29,14 +29,16 @@ import client.app
 import client.data
 from client.app import DeviceGuardMod, app
 from client.dp import (
-    KEY_OBJECT,
     DevicePrivacy,
     DeviceStore,
     DPSGDSettings,
+    plan_device_budget,
     plan_dp_sgd,
     private_training,
+    release_privately,
 )
 from client.train import train_local
+from device.layout import LEDGER_KEY_OBJECT
 from emofed.config import EmofedConfig, load_config, to_json
 from emofed.protocol import (
     CLIPPING_NORM_KEY,
@@ -53,6 +55,7 @@ from models import build_model, get_state, set_state, shared_state_keys
 from policy.federated import policy_event
 from privacy.accounting import PrivacyEvent, calibrate_noise, calibrate_noise_beside, compute_epsilon
 from privacy.audit import audit
+from privacy.errors import PrivacyBudgetExceeded
 from privacy.guard import LEDGER_RECORD, OutgoingGuard, OutgoingGuardMod, read_ledger_record
 from privacy.keys import (
     generate_private_key,
@@ -136,9 +139,9 @@ def _ledger_bytes(root: Path) -> bytes:
 def _copy_device_key(source: Path, destination: Path) -> None:
     # The same device (ledger key) under another root: DP noise is seeded from the key.
     with _device(source).open_store(create=False) as store:
-        key = store.get_bytes(KEY_OBJECT)
+        key = store.get_bytes(LEDGER_KEY_OBJECT)
     with _device(destination).open_store() as store:
-        store.put_bytes(KEY_OBJECT, key)
+        store.put_bytes(LEDGER_KEY_OBJECT, key)
 
 
 def test_dp_round_sends_epsilon_and_a_ledger_the_guard_and_audit_accept(tmp_path: Path) -> None:
@@ -215,6 +218,45 @@ def test_a_release_made_elsewhere_during_training_is_composed_before_spending(
     assert reply.has_error() and reply.error.code == ERROR_BUDGET_EXHAUSTED
     assert f"this round would bring it to {expected[1]:.3g}" in reply.error.reason
     assert len(_ledger_bytes(tmp_path).splitlines()) == 3  # two entries and the seal
+
+
+@pytest.mark.parametrize("policy", [False, True])
+def test_device_budget_plan_leaves_room_for_the_policy_release(policy: bool) -> None:
+    """One planner gives DP-SGD's σ (calibrated beside the policy release) and the release itself."""
+    cfg = _make_config("rounds=3", "privacy.device.epsilon=2.0", f"policy.enabled={str(policy).lower()}")
+    plan = plan_dp_sgd(12, batch_size=4, local_epochs=1)
+    budget = plan_device_budget(cfg, plan)
+    assert budget.policy_release == (policy_event(cfg) if policy else None)
+    planned = [budget.policy_release] if policy else []
+    expected = calibrate_noise_beside(
+        target_epsilon=2.0, delta=1e-5, sample_rate=1 / 3, steps=9, planned=planned, accountant="opacus_rdp"
+    )
+    assert budget.dp_sgd is not None and budget.dp_sgd.noise_multiplier == expected
+    assert budget.dp_sgd.event == PrivacyEvent(noise_multiplier=expected, sample_rate=1 / 3, steps=3)
+    assert plan_device_budget(cfg).dp_sgd is None  # the policy handler plans the release alone
+    assert plan_device_budget(cfg).policy_release == budget.policy_release
+
+
+def test_device_budget_plan_is_empty_without_device_dp() -> None:
+    """Without device-level DP nothing is planned: no DP-SGD and no policy release."""
+    budget = plan_device_budget(_make_config("privacy.preset=off"), plan_dp_sgd(12, batch_size=4, local_epochs=1))
+    assert budget.dp_sgd is None and budget.policy_release is None
+
+
+def test_release_sequence_refuses_before_the_mechanism_runs(tmp_path: Path) -> None:
+    """Over budget, the mechanism never runs and the ledger is unchanged; within it, the entry is signed."""
+    cfg = _make_config(_SIGMA, "privacy.device.epsilon=3.0")
+    privacy = DevicePrivacy.open(_device(tmp_path), cfg.privacy)
+    ran: list[int] = []
+    heavy = PrivacyEvent(noise_multiplier=0.3, sample_rate=1.0, steps=50)
+    with pytest.raises(PrivacyBudgetExceeded):
+        release_privately(privacy, heavy, server_round=1, mechanism=lambda: (ran.append(1), 1.0, {}))
+    assert ran == [] and privacy.ledger.entries() == []
+    released = release_privately(privacy, _EVENT, server_round=1, mechanism=lambda: ("value", 1.0, {"examples": 12}))
+    assert released.value == "value"
+    assert released.epsilon == pytest.approx(compute_epsilon([_EVENT], delta=1e-5))
+    assert [e["round"] for e in privacy.ledger.entries()] == [1]
+    assert len(read_ledger_record(released.ledger)[0]) == 1  # the one entry
 
 
 @pytest.mark.parametrize("policy", [False, True])
@@ -336,14 +378,14 @@ def test_guard_mod_is_installed_and_blocks_what_may_not_leave(tmp_path: Path) ->
     dp_reply = _train(_make_config(_SIGMA), tmp_path)
     assert not mod(msg, ctxt, lambda m, c: dp_reply).has_error()
     with _device(tmp_path).open_store(create=False) as store:
-        own = store.get_bytes(KEY_OBJECT)
-        store.put_bytes(KEY_OBJECT, private_key_to_bytes(generate_private_key()))
+        own = store.get_bytes(LEDGER_KEY_OBJECT)
+        store.put_bytes(LEDGER_KEY_OBJECT, private_key_to_bytes(generate_private_key()))
         out = mod(msg, ctxt, lambda m, c: dp_reply)
         assert out.has_error() and "ledger key" in out.error.reason
-        store.delete(KEY_OBJECT)
+        store.delete(LEDGER_KEY_OBJECT)
         out = mod(msg, ctxt, lambda m, c: dp_reply)
         assert out.has_error() and "ledger key" in out.error.reason
-        store.put_bytes(KEY_OBJECT, own)
+        store.put_bytes(LEDGER_KEY_OBJECT, own)
     key_file = _device(tmp_path).store_key_path
     key_file.write_bytes(bytes(32))  # another store key
     out = mod(msg, ctxt, lambda m, c: dp_reply)

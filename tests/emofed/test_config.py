@@ -173,3 +173,19 @@ def test_secagg_counts_and_shares_accepted() -> None:
         None, ["privacy.secagg.enabled=true", "privacy.secagg.num_shares=5", "privacy.secagg.reconstruction_threshold=3"]
     )
     assert (cfg.privacy.secagg.num_shares, cfg.privacy.secagg.reconstruction_threshold) == (5, 3)
+
+
+def test_shared_checks_name_the_key_the_range_and_the_value() -> None:
+    """check_values and check_subset (used by every loader) give the one-line wording."""
+    from omegaconf import OmegaConf
+
+    from emofed.config import check_subset, check_values
+
+    node = OmegaConf.create({"a": {"b": 5, "c": "x"}})
+    with pytest.raises(ConfigError, match=r"^'a.b' must be in \[0, 3\]. Found 5.$"):
+        check_values(node, choices={}, ranges={"a.b": (0, 3)})
+    with pytest.raises(ConfigError, match=r"^'a.c' must be one of y, z. Found 'x'.$"):
+        check_values(node, choices={"a.c": ("y", "z")}, ranges={})
+    check_values(node, choices={"a.c": ("x",)}, ranges={"a.b": (None, 5)})
+    with pytest.raises(ConfigError, match=r"^'k' must name only p, q. Found 'r'.$"):
+        check_subset("k", ["p", "r"], ["p", "q"])

@@ -83,7 +83,7 @@ def _check_personalisation(run: Path, rows: list[dict], summary: dict, stdout: s
     """Every round reports the gain distribution; each device's personal head stays in its store."""
     import numpy as np
 
-    from client.personal import PERSONAL_OBJECT, STORE_DIR, STORE_KEY_FILE
+    from device.layout import PERSONAL_OBJECT, STORE_DIR, STORE_KEY_FILE
     from device.store import EncryptedStore
 
     for row in rows:

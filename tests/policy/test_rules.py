@@ -104,12 +104,14 @@ def test_default_config_loads_the_catalogue():
     ("override", "error", "named"),
     [
         ("safety.max_per_hourr=3", ValueError, "max_per_hourr"),
-        ("bandit.alpha=wide", TypeError, "alpha"),
-        ("safety.max_per_hour=many", TypeError, "max_per_hour"),
+        ("bandit.alpha=wide", ConfigError, "bandit.alpha"),
+        ("safety.max_per_hour=many", ConfigError, "safety.max_per_hour"),
         ("safety.distress_threshold=1.5", ValueError, "safety.distress_threshold"),
         ("bandit.kind=ucb2", ValueError, "bandit.kind"),
         ("safety.safety_action=hug", ValueError, "safety.safety_action"),
         ("feedback.rewards.helped=3", ValueError, "feedback.rewards.helped"),
+        ("messages.tag_weight=11", ConfigError, "'messages.tag_weight' must be in [0.0, 10.0]. Found 11"),
+        ("expression.action_weight=-1", ConfigError, "'expression.action_weight' must be in [0.0, 10.0]"),
     ],
 )
 def test_config_errors_are_one_line_and_name_the_key(override, error, named):
@@ -119,6 +121,18 @@ def test_config_errors_are_one_line_and_name_the_key(override, error, named):
     message = str(info.value)
     assert named in message
     assert "\n" not in message
+
+
+def test_policy_errors_read_like_the_main_loader():
+    """The catalogue goes through emofed.config's path: same ConfigError wording as load_config."""
+    with pytest.raises(ConfigError, match=r"^override 'bandit.alpha=wide': bad value for 'bandit.alpha': "):
+        _make_config("bandit.alpha=wide")
+    with pytest.raises(ConfigError) as info:
+        _make_config("safety.max_per_hourr=3")
+    assert str(info.value).startswith("override 'safety.max_per_hourr=3': unknown key 'safety.max_per_hourr' ")
+    assert "(known keys under 'safety': " in str(info.value) and "max_per_hour," in str(info.value)
+    with pytest.raises(ConfigError, match=r"^'bandit.kind' must be one of linucb, random. Found 'ucb2'.$"):
+        _make_config("bandit.kind=ucb2")
 
 
 def test_unknown_key_in_an_action_of_the_yaml(tmp_path: Path):
