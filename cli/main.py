@@ -58,6 +58,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 print(f"{PROGRESS_PREFIX} data folder holds {len(meta['devices'])} devices; using devices={len(meta['devices'])}")
                 overrides.append(f"devices={len(meta['devices'])}")
                 cfg = dataclasses.replace(cfg, devices=len(meta["devices"]))
+            labels = meta.get("labels")
+            if cfg.model.labels is None and isinstance(labels, list) and 2 <= len(labels) < 7:
+                print(f"{PROGRESS_PREFIX} the corpus's label set: {', '.join(labels)} (other logits off)")
+                overrides.append(f"model.labels=[{','.join(labels)}]")
+                cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, labels=list(labels)))
             if meta.get("heldout"):
                 print(f"{PROGRESS_PREFIX} plus {len(meta['heldout'])} held-out devices: evaluated every round, never trained")
         run_dir = run_path(cfg)

@@ -74,6 +74,9 @@ class ModelConfig:
     # cnn: end-to-end CNNs and a text projection (non-private research).
     kind: str = "features"
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    # The corpus's label set (public: what its label map can produce); logits of other
+    # emotions are switched off. None: all seven. Set from a federation folder's index.
+    labels: list[str] | None = None
     embed_dim: int = 64
     dropout: float = 0.1
     face: FaceModelConfig = field(default_factory=FaceModelConfig)
@@ -462,6 +465,12 @@ def _check_ranges(cfg: DictConfig) -> None:
 
 
 def _check_consistency(cfg: EmofedConfig) -> None:
+    if cfg.model.labels is not None:
+        from models.labels import EMOTIONS
+
+        check_subset("model.labels", cfg.model.labels, EMOTIONS)
+        if len(set(cfg.model.labels)) < 2:
+            raise ConfigError(f"'model.labels' must name at least two emotions. Found {list(cfg.model.labels)}.")
     if cfg.data.source == "folder" and not cfg.data.path:
         raise ConfigError("'data.path' must name a federation folder when data.source=folder.")
     if cfg.data.source == "synthetic" and cfg.data.p_no_camera + cfg.data.p_no_microphone > 1.0:

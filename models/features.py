@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from emofed.config import ConfigError, EmofedConfig, FeaturesConfig, ModelConfig, TextModelConfig
-from models.labels import NUM_CLASSES
+from models.labels import EMOTIONS, NUM_CLASSES
 
 __all__ = [
     "FACE_FEATURES",
@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 MODALITY_NAMES = ("face", "voice", "text")
 PUBLIC_DIR = Path(__file__).resolve().parent / "public"
 FORMAT = "emofed-public-features/1"
+_OFF = -1e4  # logit of an emotion outside the label set: softmax gives it ~0, the loss stays finite
 # Between-class directions with eigenvalue below this share of the largest carry noise only.
 _LDA_RIDGE = 1e-2
 
@@ -441,9 +442,15 @@ class FeatureHeadsNet(nn.Module):
         Feature sizes of face, voice and text.
     """
 
-    def __init__(self, dims: Sequence[int]) -> None:
+    def __init__(self, dims: Sequence[int], labels: Sequence[str] | None = None) -> None:
         super().__init__()
         self.face, self.voice, self.text = (nn.Linear(d, NUM_CLASSES) for d in dims)
+        # Logits of emotions outside the corpus's label set are fixed far below the others:
+        # a 5-class corpus is scored over 5 classes (a buffer: never trained, never sent).
+        allowed = torch.ones(NUM_CLASSES, dtype=torch.bool)
+        if labels is not None:
+            allowed = torch.tensor([e in set(labels) for e in EMOTIONS])
+        self.register_buffer("allowed", allowed, persistent=False)
         for linear in (self.face, self.voice, self.text):
             nn.init.zeros_(linear.weight)  # DP-SGD starts from the uniform prediction, not noise
             nn.init.zeros_(linear.bias)
@@ -463,7 +470,8 @@ class FeatureHeadsNet(nn.Module):
         """Fused and per-modality logits from per-modality logits (B, 3, C) under a mask (B, 3)."""
         mask = modality_mask > 0  # (B, 3)
         per_modality = torch.where(mask.unsqueeze(-1), embeddings, 0.0)  # (B, 3, C)
-        return self.head(per_modality, mask), per_modality
+        fused = self.head(per_modality, mask).masked_fill(~self.allowed, _OFF)  # (B, C)
+        return fused, per_modality.masked_fill(~self.allowed, _OFF)
 
 
 def build_feature_model(config: ModelConfig) -> FeatureHeadsNet:
@@ -475,4 +483,4 @@ def build_feature_model(config: ModelConfig) -> FeatureHeadsNet:
         If the public space file is missing.
     """
     space = load_public_space(str(public_space_path(config.features)))
-    return FeatureHeadsNet([space.dim(name) for name in MODALITY_NAMES])
+    return FeatureHeadsNet([space.dim(name) for name in MODALITY_NAMES], config.labels)

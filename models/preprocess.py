@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -223,7 +222,8 @@ class MultimodalPreprocessor:
             torch.tensor(labels, dtype=torch.long),  # (N,)
         )
         if getattr(self.config, "kind", "cnn") == "features":
-            dataset = _extractor(self.config)(dataset)  # fixed features, once per sample
+            key = (self.config.face, self.config.voice, self.config.text, self.config.features)
+            dataset = _extractor(key, self.config)(dataset)  # fixed features, once per sample
         if report.dropped or any(report.unusable.values()):
             logger.info(
                 "Preprocessed %d of %d samples (%d dropped); unusable per modality: %s",
@@ -253,7 +253,11 @@ class MultimodalPreprocessor:
         return torch.stack(tensors)
 
 
-@functools.lru_cache(maxsize=4)
-def _extractor(config: ModelConfig) -> FeatureExtractor:
-    """One extractor per model configuration and process (the text encoder loads once)."""
-    return FeatureExtractor(config)
+_EXTRACTORS: dict[tuple[object, ...], FeatureExtractor] = {}
+
+
+def _extractor(key: tuple[object, ...], config: ModelConfig) -> FeatureExtractor:
+    """One extractor per feature settings and process (the text encoder loads once)."""
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = FeatureExtractor(config)
+    return _EXTRACTORS[key]

@@ -144,3 +144,27 @@ def test_a_device_without_a_camera_trains_no_face_head() -> None:
     names = {n for n, p in model.named_parameters() if any(p is q for q in trained_parameters(
         model, TensorDataset(face, voice, text, empty, mask, label)))}
     assert names == {"voice.weight", "voice.bias", "text.weight", "text.bias", "head.weight", "head.bias"}
+
+
+def test_logits_outside_the_corpus_label_set_are_off() -> None:
+    """A 5-class corpus is scored over its 5 classes: the other two are never predicted."""
+    labels = ["neutral", "happy", "sad", "angry", "fearful"]
+    model = FeatureHeadsNet([6, 6, 6], labels)
+    for linear in (model.face, model.voice, model.text):
+        torch.nn.init.normal_(linear.weight, std=5.0)
+    face, voice, text, empty, mask, _ = _make_batch(200, 3)
+    fused, _ = model(face, voice, text, empty, mask)
+    assert set(fused.argmax(1).tolist()) <= {0, 1, 2, 3, 4}
+    assert torch.isfinite(torch.nn.functional.cross_entropy(fused, torch.zeros(200, dtype=torch.long)))
+    assert "allowed" not in model.state_dict()  # a fixed buffer: never saved, never sent
+
+
+def test_model_labels_are_checked_at_the_edge() -> None:
+    """An unknown emotion or a single-class set is one ConfigError naming the key."""
+    from emofed.config import ConfigError
+
+    assert load_config(None, ["model.labels=[happy,sad]"]).model.labels == ["happy", "sad"]
+    with pytest.raises(ConfigError, match="'model.labels' must name only neutral, happy"):
+        load_config(None, ["model.labels=[happy,bored]"])
+    with pytest.raises(ConfigError, match="at least two emotions"):
+        load_config(None, ["model.labels=[happy]"])
