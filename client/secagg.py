@@ -28,13 +28,10 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
-from emofed.protocol import CLIPPING_NORM_KEY, UPDATE_CLIPPED_KEY
+from emofed.protocol import ARRAYS_KEY, CLIPPING_NORM_KEY, CONFIG_KEY, METRICS_KEY, UPDATE_CLIPPED_KEY
 
 logger = logging.getLogger(__name__)
 
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
-CONFIG_KEY = "config"
 
 
 class _Declined(Exception):

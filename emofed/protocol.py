@@ -97,3 +97,10 @@ def simulated_device_root(run_dir: Path) -> Path:
 # Lines the ServerApp and the command line print for the user start with this prefix
 # (`emofed simulate` keeps only these from Flower's log stream).
 PROGRESS_PREFIX = "emofed |"
+
+# Record names of every message and reply, and the metric FedAvg weights by.
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+WEIGHT_KEY = "num-examples"
+DEVICE_EPSILON_KEY = "dp-epsilon"

@@ -59,12 +59,18 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from emofed.config import EmofedConfig, SecAggConfig
 from emofed.protocol import (
+    ARRAYS_KEY,
     CLIPPING_NORM_KEY,
+    CONFIG_KEY,
+    DEVICE_EPSILON_KEY,
     ERROR_BUDGET_EXHAUSTED,
     ERROR_HELDOUT,
     EVAL_OPTIONAL_METRICS,
+    METRICS_KEY,
     PERSONAL_ACCURACY_KEY,
     SKIPPED_METRICS,
+    UPDATE_CLIPPED_KEY,
+    WEIGHT_KEY,
     eval_metric_keys,
     train_metric_keys,
 )
@@ -79,12 +85,6 @@ from server.report import gain_distribution
 from server.secagg import SecureAggregationGrid
 
 logger = logging.getLogger(__name__)
-WEIGHT_KEY = "num-examples"
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
-CONFIG_KEY = "config"
-DEVICE_EPSILON_KEY = "dp-epsilon"
-UPDATE_CLIPPED_KEY = "update-clipped"
 
 STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
