@@ -37,6 +37,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # Heavy imports only after the configuration is known to be good.
     from corpora.folder import FederationFolderError, read_federation
     from models.features import check_public_space
+    from models.labels import EMOTIONS
     from policy.federated import check_catalogue
     from simulations.runner import SimulationError, run_simulation
 
@@ -59,7 +60,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 overrides.append(f"devices={len(meta['devices'])}")
                 cfg = dataclasses.replace(cfg, devices=len(meta["devices"]))
             labels = meta.get("labels")
-            if cfg.model.labels is None and isinstance(labels, list) and 2 <= len(labels) < 7:
+            if not (isinstance(labels, list) and all(label in EMOTIONS for label in labels)):
+                raise ConfigError(f"{cfg.data.path}/federation.json: 'labels' must list emotions of {', '.join(EMOTIONS)}")
+            if cfg.model.kind == "features" and cfg.model.labels is None and 2 <= len(labels) < len(EMOTIONS):
                 print(f"{PROGRESS_PREFIX} the corpus's label set: {', '.join(labels)} (other logits off)")
                 overrides.append(f"model.labels=[{','.join(labels)}]")
                 cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, labels=list(labels)))

@@ -55,9 +55,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             raise ConfigError(f"--out: folder {out.parent} does not exist")
         started = time.monotonic()
         space = fit(cfg, args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+        space.save(out)
+    except (ConfigError, ValueError, OSError) as err:
         return fail(str(err))
-    space.save(out)
     dims = ", ".join(f"{m} {space.modalities[m].mean.size}→{space.dim(m)}" for m in space.modalities)
     print(f"{PROGRESS_PREFIX} wrote {out} ({dims}) in {time.monotonic() - started:.0f} s")
     print(f"{PROGRESS_PREFIX} use it with: emofed simulate model.features.public={out}")

@@ -40,29 +40,6 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def trained_parameters(model: nn.Module, data: TensorDataset) -> list[nn.Parameter]:
-    """The weights a device trains: all trainable ones, less the heads of modalities it has no data for.
-
-    Under DP-SGD every optimised weight receives noise; a modality head with no sample
-    on this device has zero gradient, so optimising it would send pure noise. Left out,
-    it is returned exactly as received: an update reveals which modalities a device has
-    (in the clear without secure aggregation; README, privacy model).
-    """
-    absent: set[str] = set()
-    if len(data.tensors) >= 5 and len(data) > 0:
-        present = data.tensors[4].sum(0) > 0  # (3,) modality mask column sums
-        absent = {name for name, has in zip(MODALITIES, present.tolist(), strict=True) if not has}
-    return [
-        p for name, p in model.named_parameters()
-        if p.requires_grad and not (name.split(".")[0] in absent and _is_modality_head(model, name))
-    ]
-
-
-def _is_modality_head(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` lies in a per-modality branch (its first module is a modality's)."""
-    return name.split(".")[0] in MODALITIES and hasattr(model, name.split(".")[0])
-
-
 @dataclass(frozen=True)
 class TrainResult:
     """Mean training loss over the local steps, examples seen and steps taken."""
@@ -101,7 +78,7 @@ def train_local(
         If the training loss is not finite.
     """
     model.to(device).train()
-    params = trained_parameters(model, data)
+    params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = make_optimizer(params, cfg)
     # Dropout and modality dropout draw from the global RNG, whose state would otherwise

@@ -465,6 +465,12 @@ def _check_ranges(cfg: DictConfig) -> None:
 
 
 def _check_consistency(cfg: EmofedConfig) -> None:
+    layers = set(cfg.personal.layers)
+    if cfg.model.kind == "features" and cfg.personal.enabled and layers <= set(PERSONAL_LAYERS) and layers - {"head"}:
+        raise ConfigError(
+            "'personal.layers' may only hold 'head' with model.kind=features (its heads have no "
+            f"aux_heads or fusion gates). Found {list(cfg.personal.layers)}."
+        )
     if cfg.model.labels is not None:
         from models.labels import EMOTIONS
 

@@ -24,6 +24,7 @@ a class bias, the personal layer by default).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -60,7 +61,7 @@ MODALITY_NAMES = ("face", "voice", "text")
 PUBLIC_DIR = Path(__file__).resolve().parent / "public"
 FORMAT = "emofed-public-features/1"
 _OFF = -1e4  # logit of an emotion outside the label set: softmax gives it ~0, the loss stays finite
-# Between-class directions with eigenvalue below this share of the largest carry noise only.
+# Ridge added to the within-class scatter, as a share of its largest eigenvalue (shrinkage).
 _LDA_RIDGE = 1e-2
 
 
@@ -227,9 +228,12 @@ class PublicFeatureSpace:
                 if not (np.isfinite(projection).all() and (std > 0).all()):
                     raise ValueError(f"{name}: non-finite projection or non-positive std")
                 modalities[name] = ModalityProjection(mean, std, projection)
+            extractors, provenance = doc["extractors"], doc.get("provenance", {})
+            if not isinstance(extractors, dict) or not isinstance(provenance, dict):
+                raise ValueError("'extractors' and 'provenance' must be objects")
         except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: not a public feature space ({err})") from None
-        return cls(doc["extractors"], modalities, doc.get("provenance", {}))
+        return cls(extractors, modalities, provenance)
 
 
 def default_public_space() -> Path:
@@ -268,6 +272,24 @@ def check_public_space(cfg: EmofedConfig) -> None:
             f"'seed': {cfg.seed} is the seed of the public synthetic people the feature space "
             f"'model.features.public' was fitted on; the devices would be those people. Choose another seed."
         )
+    if cfg.data.source == "folder" and cfg.data.path:
+        folder = Path(cfg.data.path).resolve()
+        index = folder / "federation.json"
+        digest = hashlib.sha256(index.read_bytes()).hexdigest()[:16] if index.is_file() else None
+        if provenance.get("source") == "folder" and (
+            provenance.get("path") == str(folder) or (digest and provenance.get("index_sha256") == digest)
+        ):
+            raise ConfigError(
+                f"'model.features.public' was fitted on {folder}, the run's own device data; "
+                "fit the public space on public data only"
+            )
+        if index.is_file() and provenance.get("source") == "synthetic":
+            meta = json.loads(index.read_text(encoding="utf-8"))
+            if meta.get("source") == "synthetic" and meta.get("seed") == provenance.get("seed"):
+                raise ConfigError(
+                    f"'data.path': {folder} holds the public synthetic people (seed {meta.get('seed')}) "
+                    "the feature space was fitted on"
+                )
 
 
 def fit_public_space(
@@ -330,7 +352,8 @@ def fit_public_space(
         evals = np.maximum(evals, 0.0) + _LDA_RIDGE * max(float(evals.max()), 1e-12)
         whiten = evecs / np.sqrt(evals)  # (D, D): S_w^{-1/2} up to rotation
         bvals, bvecs = np.linalg.eigh(whiten.T @ between @ whiten)
-        k = min(components, z.shape[1])
+        # At most classes − 1 directions carry between-class variance; more would be noise.
+        k = min(components, z.shape[1], len(classes) - 1)
         projection = whiten @ bvecs[:, ::-1][:, :k]  # (D, K), strongest directions first
         projection /= np.maximum((z @ projection).std(0), 1e-6)
         modalities[name] = ModalityProjection(mean.astype(np.float32), std.astype(np.float32), projection.astype(np.float32))
@@ -370,6 +393,14 @@ class FeatureExtractor:
             raise ValueError(
                 f"'model.features.public': fitted with extractors {dict(self.space.extractors)}, "
                 f"the run uses {names}; fit one with `emofed pretrain`"
+            )
+        dims = {"face": self.face.dim, "voice": self.voice.dim, "text": self.text.dim}
+        fitted = {m: int(self.space.modalities[m].mean.size) for m in MODALITY_NAMES}
+        if dims != fitted:
+            raise ValueError(
+                f"'model.features.public': fitted on feature sizes {fitted}, the run's settings "
+                f"(model.face.image_size, model.voice.n_mels, model.text.encoder_path) give {dims}; "
+                "fit one with `emofed pretrain` under the same settings"
             )
 
     def raw(self, dataset: TensorDataset) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 # isort: off
 import emofed.preload  # noqa: F401  (first: see emofed/preload.py)
 # isort: on
+import hashlib
 import json
 import logging
 import shlex
@@ -460,6 +461,29 @@ def _plot(cfg: EmofedConfig, rows: list[dict[str, Any]], path: Path) -> None:
     plot_curves(rows, path, title=f"emofed: {cfg.devices} devices, {cfg.strategy.name}", budgets=budgets)
 
 
+def model_summary(cfg: EmofedConfig) -> dict[str, Any]:
+    """The ``model`` section of ``summary.json``: the kind and, for features, the public space used.
+
+    The space is identified by its file's SHA-256 and carries its own provenance (what
+    public data ``emofed pretrain`` fitted it on), so a reader can tell which public data
+    and weights shaped the run.
+    """
+    section: dict[str, Any] = {"kind": cfg.model.kind, "labels": cfg.model.labels}
+    if cfg.model.kind == "features":
+        from models.features import load_public_space, public_space_path
+
+        path = public_space_path(cfg.model.features)
+        space = load_public_space(str(path))
+        section["public_features"] = {
+            "path": str(path),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "extractors": dict(space.extractors),
+            "dims": {m: space.dim(m) for m in space.modalities},
+            "provenance": dict(space.provenance),
+        }
+    return section
+
+
 def run_summary(
     cfg: EmofedConfig,
     rows: list[dict[str, Any]],
@@ -484,6 +508,7 @@ def run_summary(
         "heldout": heldout_summary(rows),
         "personalisation": personalisation_summary(cfg, rows),
         "policy": policy,
+        "model": model_summary(cfg),
         "failed_device_replies": sum(r.get("failed_devices", 0) for r in rows),
         "declined_device_replies": sum(r.get("declined_devices", 0) for r in rows),
         "privacy": privacy_summary(cfg, rows, user_dp, ledger_dir, policy),

@@ -76,7 +76,9 @@ def test_personal_defaults_keep_the_classifier_head_personal() -> None:
     """On by default, with the fused classifier head as the personal layer."""
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "default.yaml")
     assert cfg.personal.enabled and cfg.personal.layers == ["head"]
-    assert load_config(None, ["personal.layers=[head,aux_heads]"]).personal.layers == ["head", "aux_heads"]
+    assert load_config(None, ["model.kind=cnn", "personal.layers=[head,aux_heads]"]).personal.layers == ["head", "aux_heads"]
+    with pytest.raises(ConfigError, match="may only hold 'head' with model.kind=features"):
+        load_config(None, ["personal.layers=[head,aux_heads]"])
 
 
 @pytest.mark.parametrize(
@@ -101,7 +103,7 @@ def test_bad_personal_config_is_one_line_naming_the_key(override: str, message: 
 def test_fusion_without_weights_cannot_be_personal() -> None:
     """Mean fusion has no weights, so it cannot be a personal layer."""
     with pytest.raises(ConfigError, match="'personal.layers' may not hold 'fusion'"):
-        load_config(None, ["model.fusion.kind=mean", "personal.layers=[fusion]"])
+        load_config(None, ["model.kind=cnn", "model.fusion.kind=mean", "personal.layers=[fusion]"])
     assert load_config(None, ["model.fusion.kind=mean", "personal.enabled=false", "personal.layers=[fusion]"])
 
 

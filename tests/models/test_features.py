@@ -10,11 +10,8 @@ import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
-from torch.utils.data import TensorDataset
 
-from client.train import trained_parameters
-from emofed.config import ModelConfig, load_config
-from models import build_model
+from emofed.config import load_config
 from models.features import (
     FeatureHeadsNet,
     HOGFeatures,
@@ -136,16 +133,6 @@ def test_per_sample_gradients_of_the_fusion_match_autograd() -> None:
             assert torch.allclose(p.grad, dict(model.named_parameters())[name].grad_sample[i], atol=1e-5), name
 
 
-def test_a_device_without_a_camera_trains_no_face_head() -> None:
-    """The face head is left out of optimisation (and of DP noise) when no sample has a face."""
-    model = build_model(ModelConfig(), device="cpu")
-    face, voice, text, empty, mask, label = _make_batch(6, 2)
-    mask[:, 0] = 0
-    names = {n for n, p in model.named_parameters() if any(p is q for q in trained_parameters(
-        model, TensorDataset(face, voice, text, empty, mask, label)))}
-    assert names == {"voice.weight", "voice.bias", "text.weight", "text.bias", "head.weight", "head.bias"}
-
-
 def test_logits_outside_the_corpus_label_set_are_off() -> None:
     """A 5-class corpus is scored over its 5 classes: the other two are never predicted."""
     labels = ["neutral", "happy", "sad", "angry", "fearful"]
@@ -168,3 +155,30 @@ def test_model_labels_are_checked_at_the_edge() -> None:
         load_config(None, ["model.labels=[happy,bored]"])
     with pytest.raises(ConfigError, match="at least two emotions"):
         load_config(None, ["model.labels=[happy]"])
+
+
+def test_a_space_of_other_feature_sizes_is_refused(tmp_path: Path) -> None:
+    """A space fitted under other settings (face size, mels, encoder) is one clear error, not a crash later."""
+    from models.features import FeatureExtractor
+
+    space, _, _ = _make_space(tmp_path)  # fitted on 40/20/30-dimensional features
+    path = space.save(tmp_path / "small.json")
+    cfg = load_config(None, [f"model.features.public={path}"])
+    with pytest.raises(ValueError, match="fitted on feature sizes"):
+        FeatureExtractor(cfg.model)
+
+
+def test_a_space_fitted_on_the_run_s_own_folder_is_refused(tmp_path: Path) -> None:
+    """Public means not the devices': a space whose provenance is the run's data folder stops the run."""
+    from emofed.config import ConfigError
+    from models.features import check_public_space
+
+    folder = tmp_path / "fed"
+    folder.mkdir()
+    (folder / "federation.json").write_text('{"format": "emofed-federation/1"}')
+    space, _, _ = _make_space(tmp_path)
+    own = PublicFeatureSpace(space.extractors, space.modalities, {"source": "folder", "path": str(folder.resolve())})
+    path = own.save(tmp_path / "own.json")
+    cfg = load_config(None, ["data.source=folder", f"data.path={folder}", f"model.features.public={path}"])
+    with pytest.raises(ConfigError, match="the run's own device data"):
+        check_public_space(cfg)
