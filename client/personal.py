@@ -23,7 +23,7 @@ device's outgoing guard refuses any reply array equal to a stored personal array
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -35,10 +35,11 @@ from torch.utils.data import TensorDataset
 
 from client.dp import DeviceStore
 from client.train import evaluate_local
-from device.layout import PERSONAL_OBJECT, has_store
+from device.layout import has_store
+from device.personal import load_personal, personal_keys, save_personal
 from device.store import EncryptedStore
 from emofed.config import PersonalConfig
-from models import emotion_loss, get_state, set_state, shared_state_keys
+from models import emotion_loss, get_state, set_state
 
 logger = logging.getLogger(__name__)
 
@@ -53,21 +54,6 @@ __all__ = [
     "save_personal",
     "swapped",
 ]
-
-
-def personal_keys(model: nn.Module, layers: Collection[str]) -> list[str]:
-    """Names of the trainable weights under the modules ``layers``, in registration order.
-
-    Raises
-    ------
-    ValueError
-        If ``layers`` names no trainable weight of ``model``.
-    """
-    shared = set(shared_state_keys(model, exclude=layers))
-    keys = [k for k in shared_state_keys(model) if k not in shared]
-    if not keys:
-        raise ValueError(f"personal layers {sorted(layers)} hold no trainable weight of the model")
-    return keys
 
 
 # -- the device's store -------------------------------------------------------------------
@@ -90,32 +76,6 @@ def existing_device_store(context: Context) -> EncryptedStore | None:
     if not has_store(device.folder):
         return None
     return device.open_store(create=False)
-
-
-def load_personal(store: EncryptedStore, keys: Collection[str]) -> dict[str, np.ndarray] | None:
-    """The stored personal layers, or None if the device has none yet.
-
-    Raises
-    ------
-    ValueError
-        If the stored layers are not exactly ``keys`` (the configuration changed).
-    device.store.StoreTampered
-        If the stored object fails authentication.
-    """
-    if PERSONAL_OBJECT not in store:
-        return None
-    arrays = store.get_arrays(PERSONAL_OBJECT)
-    if set(arrays) != set(keys):
-        raise ValueError(
-            f"stored personal layers hold {sorted(arrays)[:4]}, expected {sorted(keys)[:4]}; "
-            "personal.layers changed since they were saved"
-        )
-    return arrays
-
-
-def save_personal(store: EncryptedStore, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write the personal layers into the store (encrypted, atomically)."""
-    store.put_arrays(PERSONAL_OBJECT, {k: np.ascontiguousarray(v) for k, v in arrays.items()})
 
 
 def personal_arrays_in(

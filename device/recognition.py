@@ -20,6 +20,7 @@ import safetensors
 import torch
 from torch.utils.data import TensorDataset
 
+from device.personal import load_personal, personal_keys
 from device.store import EncryptedStore, StoreError
 from emofed.config import ConfigError, EmofedConfig, ModelConfig, from_json, load_config
 from models.errors import UnusableInput
@@ -80,13 +81,10 @@ def _model_config(path: Path, metadata: Mapping[str, str]) -> EmofedConfig:
 
 
 def _personal_weights(store: EncryptedStore, loaded: LoadedModel) -> dict[str, np.ndarray]:
-    """The personal layers federated personalisation keeps in the store (``client.personal``)."""
+    """The personal layers federated personalisation keeps in the store (:mod:`device.personal`)."""
     personal_cfg = loaded.config.personal
     if not personal_cfg.enabled:
         return {}
-    # client.personal imports Flower; only a model with personal layers needs it.
-    from client.personal import load_personal, personal_keys
-
     try:
         arrays = load_personal(store, personal_keys(loaded.model, personal_cfg.layers))
     except (ValueError, StoreError) as err:

@@ -17,7 +17,7 @@ FORBIDDEN = {
     "emofed": set(PACKAGES) - {"emofed", "models", "privacy"},
     "server": {"client", "device", "cli", "simulations"},
     "policy": {"client", "server", "simulations", "device", "cli"},
-    "device": {"server", "simulations", "cli"},
+    "device": {"client", "server", "simulations", "cli"},
     "client": {"server", "cli"},
     "corpora": {"client", "server", "device", "policy", "cli", "simulations"},
     "simulations": {"server", "cli"},
