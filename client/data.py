@@ -1,20 +1,10 @@
 """A device's own data: read, preprocessed and split, never sent anywhere.
 
 Two sources: the synthetic federation (simulation only; generated on the device from
-the seed) and a federation folder, the on-disk layout below, which is also what a real
-device keeps and what the corpus importers write::
-
-    DIR/
-      federation.json        {"format": "emofed-federation/1", "devices": [...],
-                              "heldout": [...] (optional), ...}
-      <device-id>/
-        samples.jsonl        {"id", "label", "split": "train"|"test", "face", "voice", "text"}
-        face/*.png           paths in samples.jsonl are relative to the device folder
-        voice/*.wav
-
-Devices listed under ``heldout`` (the importers' identity-disjoint test population) are
-test-only: in simulation they follow the training devices in partition order, never
-train, and evaluate the global model on every one of their samples.
+the seed) and a federation folder (:mod:`corpora.folder` defines the layout), which is also
+what a real device keeps and what the corpus importers write. Devices listed under
+``heldout`` are test-only: in simulation they follow the training devices in partition
+order, never train, and evaluate the global model on every one of their samples.
 """
 
 from __future__ import annotations
